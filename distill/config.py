@@ -1,0 +1,392 @@
+"""The recipe: one YAML file describes one run. Every field is documented here, once.
+
+Load with `load_recipe(path, overrides)`; overrides are `key.sub=value` strings
+(list items by index: `teachers.0.weight=2`), values parsed as YAML. Validation
+happens entirely at load time, so a bad recipe fails before any compute.
+
+Strings may contain `{run_dir}` (the run directory) and `{recipe_dir}` (the
+folder holding the recipe); they are substituted after overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from distill.errors import ConfigError
+from distill.schema import build, to_dict
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
+Weighting = Literal["fixed", "route", "min_ce", "soft_ce"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class TeacherConfig:
+    name: str  # unique short name, used in the cache and in logs
+    model: str  # local path or Hub id of a full model (the base, when `adapter` is set)
+    revision: Optional[str] = None  # Hub revision (branch, tag or commit)
+    adapter: Optional[str] = None  # PEFT LoRA adapter (path or Hub id) applied over `model`
+    gguf_file: Optional[str] = None  # load `model` from this GGUF file inside it (dequantized)
+    dtype: DType = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    quantization: Literal["none", "4bit", "8bit"] = "none"  # bitsandbytes loading
+    weight: float = 1.0  # fixed weight in the multi-teacher loss (normalised per token)
+    domains: list[str] = field(default_factory=list)  # routing tags this teacher serves; empty = all
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class StudentConfig:
+    model: str  # local path or Hub id; often the shared base of the experts
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: DType = "auto"
+    lora: Optional[LoraConfig] = None  # train LoRA adapters instead of all weights
+    max_params: float = 8.0e9  # refuse students above this many parameters (the competition's rule)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SourceConfig:
+    path: str  # local json/jsonl/parquet/csv file, or a Hub dataset id
+    split: str = "train"
+    name: Optional[str] = None  # Hub dataset config name
+    format: Literal["prompt_response", "chat", "text"] = "prompt_response"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    text_field: str = "text"
+    chat_template: bool = False  # render prompt/response through the tokenizer's chat template
+    domain: Optional[str] = None  # routing tag for every sample of this source
+    domain_field: Optional[str] = None  # or: read the tag from this field
+    num_samples: Optional[int] = None  # take the first N rows (after shuffling when `shuffle`)
+    shuffle: bool = False
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    max_length: int = 512  # tokens; longer samples are truncated (and counted)
+    mask: Literal["response", "all"] = "response"  # which tokens are distillation targets
+    seed: int = 0
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "{run_dir}/cache"
+    top_k: int = 32  # teacher tokens kept per position
+    codec: str = "default"  # see distill/cache/codec.py
+    shard_tokens: int = 1 << 20  # target tokens per shard
+    batch_size: int = 8  # samples per teacher forward pass
+    rebuild: bool = False  # discard a cache made from another recipe instead of refusing
+
+
+@dataclass
+class LossConfig:
+    divergence: Divergence = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5  # generalized JSD mixing weight, in (0, 1)
+    skew_alpha: float = 0.1  # skew KL mixing weight, in (0, 1)
+    ce_weight: float = 0.0  # mix in plain cross-entropy on the data tokens, in [0, 1)
+    weighting: Weighting = "fixed"  # fixed | route (domain tags) | min_ce | soft_ce
+    weighting_temperature: float = 1.0  # for soft_ce
+    chunk_size: int = 1024  # tokens per LM-head chunk
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 8  # samples per process per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    budget_minutes: Optional[float] = None  # wall clock for training + eval_reserve_minutes
+    eval_reserve_minutes: float = 0.0
+    save_every_steps: Optional[int] = None
+    keep_last: int = 2
+    log_every_steps: int = 10
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+@dataclass
+class EvalModelConfig:
+    name: str
+    model: Optional[str] = None  # path or Hub id
+    adapter: Optional[str] = None
+    gguf_file: Optional[str] = None
+    merge: list[str] = field(default_factory=list)  # uniform weight average of these teachers
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # task names (eval/tasks/*.yaml) or spec paths
+    limit: Optional[int] = None  # evaluate a fixed subset of N examples per task
+    batch_size: int = 16
+    protocol: Literal["competition", "standard"] = "competition"
+    student: bool = True
+    teachers: bool = True  # also evaluate each teacher
+    models: list[EvalModelConfig] = field(default_factory=list)  # extra models / merge baselines
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "distill"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    mode: Literal["online", "offline"] = "offline"
+
+
+@dataclass
+class PublishConfig:
+    repo_id: Optional[str] = None
+    private: bool = True
+    push: bool = False  # publish only when asked
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic consolidation experiment: build a tiny base and two experts first."""
+
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    digits: int = 2  # addition operands have up to this many digits
+    reverse_len: int = 5  # reversal strings have up to this many letters
+    base_steps: int = 150
+    expert_steps: int = 700
+    batch_size: int = 64
+    lr: float = 3e-3
+    calib_samples: int = 1024  # calibration prompts (half per skill)
+    eval_samples: int = 200  # held-out eval prompts per skill
+
+
+@dataclass
+class Recipe:
+    name: str
+    teachers: list[TeacherConfig]
+    student: StudentConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    run_dir: str = "runs/{name}"
+    seed: int = 0
+    trust_remote_code: bool = False
+    tokenizer: Optional[str] = None  # default: the student's tokenizer
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    synthetic: Optional[SyntheticConfig] = None
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 3e-4). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(text, "override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(key, "override key has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        dotted = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(dotted, f"index out of range (list has {len(node)} items)")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(dotted, "cannot set a sub-key of a scalar value")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(str(path), "recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a recipe must be a YAML mapping")
+    return data
+
+
+def _substitute(obj: Any, values: dict[str, str]) -> Any:
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, _substitute(getattr(obj, f.name), values))
+        return obj
+    if isinstance(obj, list):
+        return [_substitute(v, values) for v in obj]
+    if isinstance(obj, str):
+        for k, v in values.items():
+            obj = obj.replace("{" + k + "}", v)
+        return obj
+    return obj
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, type-check, substitute and validate a recipe."""
+    path = Path(path)
+    data = _read_yaml(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+    recipe = build(Recipe, data)
+    run_dir = recipe.run_dir.replace("{name}", recipe.name)
+    recipe.run_dir = run_dir
+    _substitute(recipe, {"run_dir": run_dir, "recipe_dir": str(path.resolve().parent)})
+    validate(recipe)
+    return recipe
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def validate(r: Recipe) -> None:
+    """Cross-field and range checks. Raises ConfigError naming the key."""
+    _require(bool(r.name.strip()), "name", "must not be empty")
+    _require(len(r.teachers) > 0, "teachers", "at least one teacher is required")
+    names: set[str] = set()
+    for i, t in enumerate(r.teachers):
+        key = f"teachers[{i}]"
+        _require(bool(t.name) and t.name.replace("_", "").replace("-", "").isalnum(),
+                 f"{key}.name", f"must be letters, digits, '-' or '_', got {t.name!r}")
+        _require(t.name not in names, f"{key}.name", f"duplicate teacher name {t.name!r}")
+        names.add(t.name)
+        _require(bool(t.model.strip()), f"{key}.model", "must not be empty")
+        _require(t.weight >= 0, f"{key}.weight", f"must be >= 0, got {t.weight}")
+    _require(sum(t.weight for t in r.teachers) > 0, "teachers", "teacher weights sum to zero")
+    _require(bool(r.student.model.strip()), "student.model", "must not be empty")
+    _require(r.student.max_params > 0, "student.max_params", "must be > 0")
+    if r.student.lora is not None:
+        _require(r.student.lora.r > 0, "student.lora.r", f"must be > 0, got {r.student.lora.r}")
+        _require(r.student.lora.alpha > 0, "student.lora.alpha", "must be > 0")
+        _require(0 <= r.student.lora.dropout < 1, "student.lora.dropout", "must be in [0, 1)")
+        _require(bool(r.student.lora.target_modules), "student.lora.target_modules", "must not be empty")
+
+    d = r.data
+    _require(len(d.sources) > 0, "data.sources", "at least one data source is required")
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _require(bool(s.path.strip()), f"{key}.path", "must not be empty")
+        _require(s.num_samples is None or s.num_samples > 0, f"{key}.num_samples",
+                 f"must be > 0, got {s.num_samples}")
+        _require(not (s.domain and s.domain_field), f"{key}.domain",
+                 "set either domain or domain_field, not both")
+    _require(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
+
+    c = r.cache
+    _require(c.top_k > 0, "cache.top_k", f"must be > 0, got {c.top_k}")
+    _require(c.shard_tokens > 0, "cache.shard_tokens", f"must be > 0, got {c.shard_tokens}")
+    _require(c.batch_size > 0, "cache.batch_size", f"must be > 0, got {c.batch_size}")
+    from distill.cache.codec import CODECS  # local import: codec imports torch
+
+    _require(c.codec in CODECS, "cache.codec", f"unknown codec {c.codec!r} (known: {', '.join(sorted(CODECS))})")
+
+    lo = r.loss
+    _require(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
+    _require(0 < lo.beta < 1, "loss.beta", f"must be in (0, 1), got {lo.beta}")
+    _require(0 < lo.skew_alpha < 1, "loss.skew_alpha", f"must be in (0, 1), got {lo.skew_alpha}")
+    _require(0 <= lo.ce_weight < 1, "loss.ce_weight", f"must be in [0, 1), got {lo.ce_weight}")
+    _require(lo.weighting_temperature > 0, "loss.weighting_temperature", "must be > 0")
+    _require(lo.chunk_size > 0, "loss.chunk_size", f"must be > 0, got {lo.chunk_size}")
+    if lo.weighting == "route":
+        # A teacher with no domains serves every domain; a sample with no tag is served by all.
+        served = {dom for t in r.teachers for dom in t.domains}
+        generalist = any(not t.domains for t in r.teachers)
+        for i, s in enumerate(d.sources):
+            if s.domain is not None and not generalist and s.domain not in served:
+                raise ConfigError(f"data.sources[{i}].domain",
+                                  f"no teacher serves domain {s.domain!r} (served: {', '.join(sorted(served))})")
+
+    t = r.train
+    _require(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
+    _require(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
+    _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _require(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _require(t.budget_minutes is None or t.budget_minutes > 0, "train.budget_minutes",
+             f"must be > 0, got {t.budget_minutes}")
+    _require(t.eval_reserve_minutes >= 0, "train.eval_reserve_minutes", "must be >= 0")
+    if t.budget_minutes is not None:
+        _require(t.eval_reserve_minutes < t.budget_minutes, "train.eval_reserve_minutes",
+                 "must be smaller than train.budget_minutes")
+    _require(t.save_every_steps is None or t.save_every_steps > 0, "train.save_every_steps", "must be > 0")
+    _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+
+    e = r.eval
+    _require(e.limit is None or e.limit > 0, "eval.limit", f"must be > 0, got {e.limit}")
+    _require(e.batch_size > 0, "eval.batch_size", f"must be > 0, got {e.batch_size}")
+    eval_names = {"student", *names}
+    for i, m in enumerate(e.models):
+        key = f"eval.models[{i}]"
+        _require(m.name not in eval_names, f"{key}.name", f"duplicate model name {m.name!r}")
+        eval_names.add(m.name)
+        _require((m.model is None) != (not m.merge), f"{key}",
+                 "set exactly one of model (a path or Hub id) or merge (a list of teacher names)")
+        for j, tname in enumerate(m.merge):
+            _require(tname in names, f"{key}.merge[{j}]", f"unknown teacher {tname!r}")
+    if r.publish.push:
+        _require(bool(r.publish.repo_id), "publish.repo_id", "required when publish.push is true")
+    if r.synthetic is not None:
+        s = r.synthetic
+        _require(0 < s.hidden_size <= 128, "synthetic.hidden_size", "must be in 1..128")
+        for k in ("layers", "heads", "digits", "reverse_len", "base_steps", "expert_steps",
+                  "batch_size", "calib_samples", "eval_samples"):
+            _require(getattr(s, k) > 0, f"synthetic.{k}", f"must be > 0, got {getattr(s, k)}")
+        _require(s.hidden_size % s.heads == 0, "synthetic.heads", "must divide synthetic.hidden_size")
+        _require(s.lr > 0, "synthetic.lr", "must be > 0")
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    return to_dict(recipe)
