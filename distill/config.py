@@ -142,6 +142,7 @@ class EvalConfig:
     student: bool = True
     teachers: bool = True  # also evaluate each teacher
     models: list[EvalModelConfig] = field(default_factory=list)  # extra models / merge baselines
+    skills: dict[str, str] = field(default_factory=dict)  # teacher name -> task of its own skill (retention)
 
 
 @dataclass
@@ -280,6 +281,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     recipe.run_dir = run_dir
     _substitute(recipe, {"run_dir": run_dir, "recipe_dir": str(path.resolve().parent)})
     validate(recipe)
+    check_paths(recipe)
     return recipe
 
 
@@ -376,6 +378,10 @@ def validate(r: Recipe) -> None:
                  "set exactly one of model (a path or Hub id) or merge (a list of teacher names)")
         for j, tname in enumerate(m.merge):
             _require(tname in names, f"{key}.merge[{j}]", f"unknown teacher {tname!r}")
+    for tname, task in e.skills.items():
+        _require(tname in names, f"eval.skills.{tname}", "not a teacher name")
+        _require(task in {Path(x).stem for x in e.tasks} | set(e.tasks), f"eval.skills.{tname}",
+                 f"task {task!r} is not in eval.tasks")
     if r.publish.push:
         _require(bool(r.publish.repo_id), "publish.repo_id", "required when publish.push is true")
     if r.synthetic is not None:
@@ -386,6 +392,36 @@ def validate(r: Recipe) -> None:
             _require(getattr(s, k) > 0, f"synthetic.{k}", f"must be > 0, got {getattr(s, k)}")
         _require(s.hidden_size % s.heads == 0, "synthetic.heads", "must divide synthetic.hidden_size")
         _require(s.lr > 0, "synthetic.lr", "must be > 0")
+
+
+def looks_local(ref: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c) is a local path."""
+    return ref.startswith(("/", ".", "~")) or ref.count("/") >= 2 or os.path.exists(os.path.expanduser(ref))
+
+
+def check_paths(r: Recipe) -> None:
+    """Local inputs must exist, except those under the run directory (made by earlier stages)."""
+    run = os.path.normpath(r.run_dir)
+
+    def check(ref: str | None, key: str) -> None:
+        if not ref or not looks_local(ref):
+            return
+        norm = os.path.normpath(os.path.expanduser(ref))
+        if norm == run or norm.startswith(run + os.sep):
+            return
+        if not os.path.exists(norm):
+            raise ConfigError(key, f"path {ref!r} does not exist")
+
+    for i, t in enumerate(r.teachers):
+        check(t.model, f"teachers[{i}].model")
+        check(t.adapter, f"teachers[{i}].adapter")
+    check(r.student.model, "student.model")
+    check(r.tokenizer, "tokenizer")
+    for i, s in enumerate(r.data.sources):
+        check(s.path, f"data.sources[{i}].path")
+    for i, m in enumerate(r.eval.models):
+        check(m.model, f"eval.models[{i}].model")
+        check(m.adapter, f"eval.models[{i}].adapter")
 
 
 def recipe_dict(recipe: Recipe) -> dict:

@@ -1,0 +1,352 @@
+"""`distill cache`: run every teacher once over the calibration data and store its top-k.
+
+    distill cache recipe.yaml                       # one process
+    accelerate launch -m distill cache recipe.yaml  # data-parallel: ranks split the shards
+
+Order of work, chosen so each teacher's weights are loaded once: teachers are
+grouped by base model (a LoRA expert shares its base with its siblings: the base
+is loaded once and adapters are switched, never merged); for each group, every
+pending shard is run in length-sorted batches and each teacher's rows are written.
+Tokenizers are compared before any weights load, so a mismatched teacher fails fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from distill.cache import store
+from distill.cache.codec import make_codec, sparse_from_logits
+from distill.config import Recipe, TeacherConfig
+from distill.data import Sample, load_samples
+from distill.errors import CacheError, DistillError
+from distill.models import load_model, load_tokenizer, tokenizer_fingerprint
+
+
+@dataclass
+class CaptureReport:
+    cache_dir: str
+    shards_done: int = 0
+    shards_skipped: int = 0
+    model_loads: int = 0  # full-model loads in this process (LoRA siblings share one)
+    rows: int = 0
+    forward_s: float = 0.0  # teacher forward passes (incl. LM head on target rows)
+    encode_s: float = 0.0  # top-k + codec
+    write_s: float = 0.0  # files + hashes + manifest
+    data_summary: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def data_fingerprint(samples: list[Sample], domains: list[str]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(np.asarray(s.input_ids, dtype=np.int32).tobytes())
+        h.update(np.asarray(s.target_mask, dtype=np.uint8).tobytes())
+        h.update((s.domain or "").encode() + b"\0")
+    return h.hexdigest()
+
+
+def plan_shards(samples: list[Sample], shard_tokens: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) sample ranges of about `shard_tokens` tokens each."""
+    plan, start, n = [], 0, 0
+    for i, s in enumerate(samples):
+        n += len(s.input_ids)
+        if n >= shard_tokens:
+            plan.append((start, i + 1))
+            start, n = i + 1, 0
+    if start < len(samples):
+        plan.append((start, len(samples)))
+    return plan
+
+
+def teacher_record(t: TeacherConfig) -> dict:
+    return {"name": t.name, "model": t.model, "revision": t.revision, "adapter": t.adapter,
+            "gguf_file": t.gguf_file, "dtype": t.dtype, "quantization": t.quantization}
+
+
+def check_tokenizers(recipe: Recipe):
+    """Load the reference tokenizer and refuse any teacher whose tokenizer differs."""
+    ref = recipe.tokenizer or recipe.student.model
+    tok = load_tokenizer(ref, gguf_file=None if recipe.tokenizer else recipe.student.gguf_file,
+                         trust_remote_code=recipe.trust_remote_code, what="tokenizer")
+    fp = tokenizer_fingerprint(tok)
+    for i, t in enumerate(recipe.teachers):
+        src = t.adapter if t.adapter and Path(t.adapter, "tokenizer_config.json").exists() else t.model
+        ttok = load_tokenizer(src, revision=t.revision, gguf_file=t.gguf_file if src == t.model else None,
+                              trust_remote_code=recipe.trust_remote_code, what=f"teachers[{i}].model")
+        if tokenizer_fingerprint(ttok) != fp:
+            raise DistillError(f"teachers[{i}] ({t.name}): its tokenizer differs from the student's ({ref}); "
+                               "all teachers and the student must share one tokenizer")
+    return tok, fp
+
+
+def vocab_size_of(recipe: Recipe) -> int:
+    from transformers import AutoConfig
+
+    sizes = set()
+    for i, t in enumerate(recipe.teachers):
+        try:
+            cfg = AutoConfig.from_pretrained(t.model, revision=t.revision, gguf_file=t.gguf_file,
+                                             trust_remote_code=recipe.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise DistillError(f"teachers[{i}].model: cannot read config of {t.model!r} ({str(exc)[:150]})") from None
+        sizes.add(int(cfg.get_text_config().vocab_size))
+    if len(sizes) != 1:
+        raise DistillError(f"teachers: vocabulary sizes differ ({sorted(sizes)}); teachers must share one vocabulary")
+    return sizes.pop()
+
+
+def new_manifest(recipe: Recipe, tok_fp: str, samples: list[Sample], domains: list[str],
+                 plan: list[tuple[int, int]], vocab_size: int, summary: str) -> dict:
+    codec = make_codec(recipe.cache.codec, recipe.cache.top_k, vocab_size)
+    shards = {}
+    for i, (a, b) in enumerate(plan):
+        shards[store.shard_name(i)] = {
+            "samples": [a, b],
+            "tokens": sum(len(s.input_ids) for s in samples[a:b]),
+            "rows": sum(sum(s.target_mask) for s in samples[a:b]),
+            "files": {},
+        }
+    return {
+        "format": store.FORMAT, "version": store.VERSION,
+        "tokenizer": {"fingerprint": tok_fp, "source": recipe.tokenizer or recipe.student.model},
+        "data": {"fingerprint": data_fingerprint(samples, domains), "samples": len(samples),
+                 "tokens": sum(len(s.input_ids) for s in samples),
+                 "targets": sum(sum(s.target_mask) for s in samples), "summary": summary,
+                 "max_length": recipe.data.max_length, "mask": recipe.data.mask},
+        "codec": codec.describe(),
+        "teachers": [teacher_record(t) for t in recipe.teachers],
+        "domains": domains,
+        "shards": shards,
+        "complete": False,
+    }
+
+
+_IDENTITY_KEYS = ("tokenizer", "data", "codec", "teachers", "domains")
+
+
+def _identity(m: dict) -> dict:
+    return {k: m[k] for k in _IDENTITY_KEYS} | {"plan": {s: e["samples"] for s, e in m["shards"].items()}}
+
+
+def open_or_create(cache_dir: Path, fresh: dict, rebuild: bool) -> dict:
+    """Reuse a matching cache, refuse (or with rebuild, discard) one made from another recipe."""
+    if (cache_dir / "manifest.json").exists():
+        old = store.read_manifest(cache_dir)
+        if _identity(old) == _identity(fresh):
+            return old
+        diff = [k for k in _IDENTITY_KEYS if old.get(k) != fresh[k]] or ["shard plan"]
+        if not rebuild:
+            raise CacheError(f"{cache_dir}: existing cache was made with different {', '.join(diff)}; "
+                             "set cache.rebuild=true to discard it, or use another cache.dir")
+        shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    store.write_json_atomic(cache_dir / "manifest.json", fresh)
+    return fresh
+
+
+# ---------------------------------------------------------------- teacher forward
+
+
+def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.inference_mode()
+def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
+                 k: int, row_chunk: int = 2048):
+    """Top-k next-token distributions at the selected positions.
+
+    input_ids, attention_mask: [B, T]; select: [B, T-1] bool, True where position t's
+    prediction (of token t+1) is a target. Returns ids [M, k], logprobs [M, k], log_residual [M]
+    in row-major (sample, position) order. The LM head runs only on selected rows.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    h = hidden[:, :-1][select]
+    parts = [sparse_from_logits(_head_logits(model, h[i:i + row_chunk]), k) for i in range(0, len(h), row_chunk)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _batches(samples: list[Sample], batch_size: int) -> list[list[int]]:
+    """Length-sorted batches (stable), to cut padding; deterministic."""
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad(samples: list[Sample], idx: list[int], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    T = max(len(samples[i].input_ids) for i in idx)
+    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(idx), T), dtype=torch.long)
+    tgt = torch.zeros((len(idx), T), dtype=torch.bool)
+    for r, i in enumerate(idx):
+        n = len(samples[i].input_ids)
+        ids[r, :n] = torch.tensor(samples[i].input_ids)
+        attn[r, :n] = 1
+        tgt[r, :n] = torch.tensor(samples[i].target_mask)
+    return ids.to(device), attn.to(device), tgt[:, 1:].to(device)
+
+
+def shard_rows(model, samples: list[Sample], codec, batch_size: int, pad_id: int, device,
+               report: CaptureReport) -> np.ndarray:
+    """Encoded rows of one teacher for one shard's samples, in sample order."""
+    per_sample: list[np.ndarray | None] = [None] * len(samples)
+    for idx in _batches(samples, batch_size):
+        ids, attn, select = _pad(samples, idx, pad_id, device)
+        t0 = time.perf_counter()
+        top_ids, top_lp, res = teacher_topk(model, ids, attn, select, codec.k)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        records = codec.encode(top_ids, top_lp, res).cpu().numpy()
+        report.encode_s += time.perf_counter() - t1
+        report.forward_s += t1 - t0
+        counts = select.sum(dim=1).tolist()
+        start = 0
+        for r, i in enumerate(idx):
+            per_sample[i] = records[start:start + counts[r]]
+            start += counts[r]
+    return np.concatenate(per_sample) if per_sample else np.zeros((0, codec.record_bytes), np.uint8)
+
+
+def write_tokens(shard_dir: Path, samples: list[Sample], domains: list[str]) -> dict[str, dict]:
+    lengths = [len(s.input_ids) for s in samples]
+    rows = [sum(s.target_mask) for s in samples]
+    arrays = {
+        "input_ids.npy": np.concatenate([np.asarray(s.input_ids, np.int32) for s in samples]),
+        "target_mask.npy": np.concatenate([np.asarray(s.target_mask, np.uint8) for s in samples]),
+        "sample_offsets.npy": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "row_offsets.npy": np.concatenate([[0], np.cumsum(rows)]).astype(np.int64),
+        "domains.npy": np.asarray([domains.index(s.domain) if s.domain else -1 for s in samples], np.int16),
+    }
+    return {name: store.write_npy_atomic(shard_dir / name, arr) for name, arr in arrays.items()}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _groups(teachers: list[TeacherConfig]) -> list[list[TeacherConfig]]:
+    """Teachers sharing one base model (same weights, dtype, quantization) form one group."""
+    groups: dict[tuple, list[TeacherConfig]] = {}
+    for t in teachers:
+        groups.setdefault((t.model, t.revision, t.gguf_file, t.dtype, t.quantization), []).append(t)
+    return list(groups.values())
+
+
+def _load_group(group: list[TeacherConfig], recipe: Recipe, device):
+    """Load the shared base once and attach every LoRA adapter of the group by teacher name."""
+    from distill.models import attach_adapter
+
+    first = group[0]
+    model = load_model(first.model, revision=first.revision, gguf_file=first.gguf_file, dtype=first.dtype,
+                       quantization=first.quantization, trust_remote_code=recipe.trust_remote_code,
+                       device=device, what=f"teacher {first.name}")
+    for t in group:
+        if t.adapter:
+            model = attach_adapter(model, t.adapter, name=t.name, what=f"teacher {t.name} adapter")
+    model.eval()
+    return model
+
+
+class _Active:
+    """Context: run `model` as teacher `t` (its adapter active, or all adapters off)."""
+
+    def __init__(self, model, t: TeacherConfig):
+        self.model, self.t, self._ctx = model, t, None
+
+    def __enter__(self):
+        if self.t.adapter:
+            self.model.set_adapter(self.t.name)
+        elif hasattr(self.model, "disable_adapter"):
+            self._ctx = self.model.disable_adapter()
+            self._ctx.__enter__()
+        return self.model
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def run_capture(recipe: Recipe, state=None) -> CaptureReport:
+    """Capture (or resume) the recipe's cache. `state` is an accelerate PartialState (or None)."""
+    rank = state.process_index if state is not None else 0
+    world = state.num_processes if state is not None else 1
+    device = state.device if state is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    main = rank == 0
+    barrier = state.wait_for_everyone if state is not None else (lambda: None)
+
+    tok, tok_fp = check_tokenizers(recipe)
+    samples, stats = load_samples(tok, recipe.data)
+    domains = sorted({s.domain for s in samples if s.domain})
+    vocab_size = vocab_size_of(recipe)
+    cache_dir = Path(recipe.cache.dir)
+    plan = plan_shards(samples, recipe.cache.shard_tokens)
+    fresh = new_manifest(recipe, tok_fp, samples, domains, plan, vocab_size, stats.summary())
+    report = CaptureReport(cache_dir=str(cache_dir), data_summary=stats.summary())
+    if main:
+        open_or_create(cache_dir, fresh, recipe.cache.rebuild)
+    barrier()
+    manifest = store.read_manifest(cache_dir)
+    codec = make_codec(recipe.cache.codec, recipe.cache.top_k, vocab_size)
+    mine = [name for i, name in enumerate(sorted(manifest["shards"])) if i % world == rank]
+
+    # Tokens first: they are cheap and let a reader see the data even mid-capture.
+    for name in mine:
+        entry = manifest["shards"][name]
+        shard_dir = cache_dir / name
+        shard_dir.mkdir(exist_ok=True)
+        for tmp in shard_dir.glob("*.tmp*"):
+            tmp.unlink()  # leftovers of a killed run are never trusted
+        if not all(f in entry["files"] for f in store.TOKEN_FILES):
+            a, b = entry["samples"]
+            for fname, rec in write_tokens(shard_dir, samples[a:b], domains).items():
+                store.record_file(cache_dir, name, fname, rec)
+
+    manifest = store.read_manifest(cache_dir)
+    pending = {t.name: [s for s in mine if store.teacher_file(t.name) not in manifest["shards"][s]["files"]]
+               for t in recipe.teachers}
+    report.shards_skipped = sum(1 for s in mine if store.is_shard_complete(manifest, s))
+    total = sum(len(v) for v in pending.values())
+    bar = tqdm(total=total, desc="cache", unit="shard·teacher", disable=not main or total == 0)
+    for group in _groups(recipe.teachers):
+        if not any(pending[t.name] for t in group):
+            continue
+        model = _load_group(group, recipe, device)
+        report.model_loads += 1
+        for name in sorted({s for t in group for s in pending[t.name]}):
+            a, b = manifest["shards"][name]["samples"]
+            for t in group:
+                if name not in pending[t.name]:
+                    continue
+                with _Active(model, t) as m:
+                    rows = shard_rows(m, samples[a:b], codec, recipe.cache.batch_size, tok.pad_token_id,
+                                      device, report)
+                t0 = time.perf_counter()
+                rec = store.write_npy_atomic(cache_dir / name / store.teacher_file(t.name), rows)
+                store.record_file(cache_dir, name, store.teacher_file(t.name), rec)
+                report.write_s += time.perf_counter() - t0
+                report.rows += len(rows)
+                bar.update(1)
+            report.shards_done += 1
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    bar.close()
+    barrier()
+    final = store.read_manifest(cache_dir)
+    if not final["complete"]:
+        raise CacheError(f"{cache_dir}: capture ended with incomplete shards (a rank failed?)")
+    return report

@@ -1,0 +1,86 @@
+"""Training checkpoints: atomic, verified, keep-last-N.
+
+A checkpoint is `<run>/checkpoints/step-00000100/`, holding accelerate's
+`save_state` output (model, optimizer, scheduler, RNG states of every rank),
+`trainer_state.json` (step, epoch, micro-batch position, tokens seen) and
+`CHECKSUMS.json` (size and sha256 of every file), written last. The folder is
+assembled under a temporary name and renamed, so a kill at any moment leaves
+either a complete checkpoint or a `.tmp` folder that is ignored and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from distill.cache.store import sha256_file, write_json_atomic
+from distill.errors import DistillError
+
+PREFIX = "step-"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "CHECKSUMS.json")
+
+
+def seal(folder: Path) -> None:
+    """Write CHECKSUMS.json for every file in `folder`."""
+    sums = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)}
+    write_json_atomic(folder / "CHECKSUMS.json", sums)
+
+
+def verify(folder: Path) -> None:
+    """Raise DistillError naming the first missing, truncated or corrupt file."""
+    sums_path = folder / "CHECKSUMS.json"
+    if not sums_path.is_file():
+        raise DistillError(f"{folder}: not a complete checkpoint (CHECKSUMS.json missing)")
+    sums = json.loads(sums_path.read_text())
+    for rel, rec in sorted(sums.items()):
+        p = folder / rel
+        if not p.is_file():
+            raise DistillError(f"{p}: missing checkpoint file")
+        if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+            raise DistillError(f"{p}: checkpoint file is corrupt (size or sha256 mismatch)")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and not p.name.endswith(".tmp") and (p / "CHECKSUMS.json").exists())
+
+
+def latest(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def tmp_path(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}.tmp"
+
+
+def finalize(root: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Main process only: write the trainer state, seal, rename into place, prune old ones."""
+    tmp = tmp_path(root, step)
+    write_json_atomic(tmp / "trainer_state.json", state)
+    seal(tmp)
+    final = root / f"{PREFIX}{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_tmp(root: Path) -> None:
+    if root.is_dir():
+        for p in root.glob(f"{PREFIX}*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())

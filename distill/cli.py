@@ -1,0 +1,104 @@
+"""The `distill` command line.
+
+    distill validate RECIPE [key.sub=value ...]     check a recipe, print it resolved
+    distill cache    RECIPE [overrides]             capture teacher distributions (resumable)
+    distill cache verify CACHE_DIR_OR_RUN_DIR       check every shard's sha256
+    distill train    RECIPE [overrides] [--resume]  distil into the student (also under accelerate launch)
+    distill eval     RECIPE [overrides] [--harness TASK,...]
+    distill publish  RECIPE [overrides] [--dry-run] push the student + model card to the Hub
+    distill run      RECIPE [overrides]             every stage in turn (synthetic models first if the recipe has them)
+
+A user mistake prints one line, `distill: error: ...`, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import time
+
+from distill.errors import DistillError
+
+STAGES = ("validate", "cache", "train", "eval", "publish", "run")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Multi-teacher distillation of expert LLMs.")
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    helps = {"validate": "check a recipe and print it resolved", "cache": "capture the teachers' top-k",
+             "train": "train the student from the cache", "eval": "evaluate student, teachers, baselines",
+             "publish": "push the student to the Hub with a model card", "run": "all stages in turn"}
+    for name in STAGES:
+        sp = sub.add_parser(name, help=helps[name])
+        sp.add_argument("recipe", help="recipe YAML (or, for `cache verify`, the word verify)")
+        sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        if name in ("train", "run"):
+            sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "eval":
+            sp.add_argument("--harness", default=None, help="comma-separated lm-eval task names to run too")
+        if name in ("publish", "run"):
+            sp.add_argument("--dry-run", action="store_true", help="write the model card, push nothing")
+    return p
+
+
+def _state():
+    """accelerate's PartialState when launched by `accelerate launch` (or any torchrun), else None."""
+    if "LOCAL_RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    kwargs = {} if torch.cuda.is_available() else {"backend": "gloo"}
+    return PartialState(**kwargs)
+
+
+def dispatch(args: argparse.Namespace, start: float) -> int:
+    from distill import stages
+
+    if args.stage == "cache" and args.recipe == "verify":
+        if len(args.overrides) != 1:
+            raise DistillError("usage: distill cache verify CACHE_DIR_OR_RUN_DIR")
+        stages.verify_cache(args.overrides[0])
+        return 0
+    recipe = stages.load(args.recipe, args.overrides)
+    if args.stage == "validate":
+        stages.show(recipe, args.recipe, args.overrides)
+        return 0
+    state = _state()
+    main = state is None or state.is_main_process
+    log = print if main else (lambda *a, **k: None)
+    stages.prepare_run_dir(recipe, args.recipe, args.overrides, log=log if args.stage != "eval" else print)
+    if args.stage == "cache":
+        stages.cache(recipe, state, log)
+    elif args.stage == "train":
+        stages.train(recipe, args.resume, start, log)
+    elif args.stage == "eval":
+        stages.evaluate(recipe, harness=args.harness, log=log)
+    elif args.stage == "publish":
+        stages.publish(recipe, dry_run=args.dry_run, log=log)
+    elif args.stage == "run":
+        stages.run_all(recipe, state, resume=args.resume, dry_run=args.dry_run, start=start, log=log)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    start = time.time()
+    args = _parser().parse_args(argv)
+    try:
+        code = dispatch(args, start)
+    except DistillError as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        code = 2
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"distill: error: no space left on device writing {exc.filename or 'output'}", file=sys.stderr)
+            code = 2
+        else:
+            raise
+    except KeyboardInterrupt:
+        print("distill: interrupted", file=sys.stderr)
+        code = 130
+    sys.stdout.flush()
+    sys.exit(code)

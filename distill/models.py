@@ -1,0 +1,151 @@
+"""Loading models and tokenizers from local paths or Hub ids, safely.
+
+Weights are read through safetensors only (`use_safetensors=True`) and
+`trust_remote_code` stays off unless the recipe asks. A path that does not
+exist locally is treated as a Hub id; when that cannot be resolved either
+(offline, typo) the user gets one line naming the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from distill.errors import DistillError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere."""
+    if name == "auto":
+        dev = torch.device(device) if device is not None else None
+        on_cuda = (dev is not None and dev.type == "cuda") or (dev is None and torch.cuda.is_available())
+        return torch.bfloat16 if on_cuda else torch.float32
+    return _DTYPES[name]
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(ref))
+
+
+def _check_ref(ref: str, what: str) -> str:
+    """Local paths must exist; anything else is passed on as a Hub id."""
+    path = os.path.expanduser(ref)
+    if _looks_local(ref) and not os.path.exists(path):
+        raise DistillError(f"{what}: model path {ref!r} does not exist")
+    return path if os.path.exists(path) else ref
+
+
+def _hub_error(ref: str, what: str, exc: Exception) -> DistillError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DistillError(f"{what}: cannot load {ref!r} (not a local model folder, and the Hub said: {first[:200]})")
+
+
+def load_tokenizer(ref: str, *, revision: str | None = None, gguf_file: str | None = None,
+                   trust_remote_code: bool = False, what: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    src = _check_ref(ref, what)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=revision, gguf_file=gguf_file,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(ref, what, exc) from None
+    if tok.pad_token is None:
+        # Padding is only ever masked out; EOS is the conventional stand-in.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None = None,
+               dtype: str = "auto", quantization: str = "none", adapter: str | None = None,
+               trust_remote_code: bool = False, device: torch.device | str | None = None,
+               what: str = "model"):
+    """A causal LM ready for inference or training; LoRA `adapter` attached (not merged) when given."""
+    from transformers import AutoModelForCausalLM
+
+    src = _check_ref(ref, what)
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
+                    "dtype": resolve_dtype(dtype, device)}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_quant_type="nf4")
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(ref, what, exc) from None
+    if device is not None and quantization == "none":
+        model.to(device)
+    if adapter:
+        model = attach_adapter(model, adapter, name="default", what=what)
+    return model
+
+
+def attach_adapter(model, adapter: str, *, name: str, what: str = "adapter"):
+    """Attach a PEFT LoRA adapter (path or Hub id) under `name`, without merging."""
+    from peft import PeftModel
+
+    src = _check_ref(adapter, what)
+    try:
+        if hasattr(model, "load_adapter") and hasattr(model, "peft_config"):
+            model.load_adapter(src, adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, src, adapter_name=name)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(adapter, what, exc) from None
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_param_limit(model, limit: float, what: str = "student") -> int:
+    n = count_parameters(model)
+    if n > limit:
+        raise DistillError(f"{what}: {n / 1e9:.2f}B parameters exceeds student.max_params={limit / 1e9:.2f}B")
+    return n
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of the vocabulary and special tokens: two tokenizers that encode alike match."""
+    h = hashlib.sha256()
+    vocab = tok.get_vocab()
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    specials = {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}
+    h.update(json.dumps(specials, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def model_vocab_size(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def save_pretrained(model, tokenizer, out: Path) -> None:
+    """Save model (safetensors) + tokenizer atomically: tmp folder, then rename."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)

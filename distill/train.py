@@ -1,0 +1,345 @@
+"""`distill train`: distil every cached teacher into one student with a plain accelerate loop.
+
+    distill train recipe.yaml                                   # one process (CPU or one GPU)
+    accelerate launch -m distill train recipe.yaml              # DDP / DeepSpeed, per `accelerate config`
+    accelerate launch --config_file launch/ddp.yaml -m distill train recipe.yaml train.lr=2e-5
+    distill train recipe.yaml --resume                          # continue from the last checkpoint
+
+The loop: build -> accelerator.prepare -> for each micro-batch: with accumulate():
+forward + loss, backward, clip, step. The student forward and the loss run inside
+one module (`StudentWithLoss`) so DDP and DeepSpeed see every parameter use inside
+their forward. The loss is a token SUM; it is normalised once, by the number of
+target tokens of the whole optimizer step across micro-batches and ranks, which
+every rank computes locally from the deterministic batch plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill import batches as B
+from distill import checkpoint as ckpt
+from distill.cache.codec import make_codec
+from distill.cache.store import CacheReader
+from distill.config import Recipe, recipe_dict
+from distill.errors import DistillError
+from distill.loss import TeacherSignal, distill_loss, example_weights
+from distill.models import check_param_limit, load_model, load_tokenizer, save_pretrained, tokenizer_fingerprint
+
+
+class StudentWithLoss(torch.nn.Module):
+    """Student forward + chunked multi-teacher loss, as one module for DDP/DeepSpeed."""
+
+    def __init__(self, student, loss_cfg):
+        super().__init__()
+        self.student = student
+        self.loss_cfg = loss_cfg
+
+    def forward(self, input_ids, attention_mask, select, targets, signal: TeacherSignal, token_weights):
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                           logits_to_keep=1, use_cache=False)
+        # hidden[:, t] predicts token t+1; keep only positions whose next token is a target.
+        hidden = out.hidden_states[-1][:, :-1][select]
+        head = self.student.get_output_embeddings()
+        res = distill_loss(hidden, head.weight, getattr(head, "bias", None), signal, targets, token_weights,
+                           self.loss_cfg)
+        return {"loss_sum": res.loss_sum, "n_tokens": res.n_tokens, "div": res.teacher_div_sums,
+                "share": res.teacher_weight_sums, "ce": res.ce_sum}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    planned_steps: int
+    tokens: int
+    stopped_by: str  # "done" | "budget"
+    wall_s: float
+    final_loss: float | None
+    student_dir: str
+    checkpoint: str | None
+
+
+def build_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    mp = recipe.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    import os
+
+    # Multi-process on CPU needs gloo (DeepSpeed included); a plain single process needs no group.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    acc = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum, mixed_precision=mp,
+                      log_with="wandb" if recipe.wandb.enabled else None, kwargs_handlers=handlers,
+                      project_config=ProjectConfiguration(project_dir=recipe.run_dir))
+    ds = acc.state.deepspeed_plugin
+    if ds is not None:  # we feed our own loader, so DeepSpeed cannot infer the micro-batch size
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
+        if ds.deepspeed_config.get("gradient_clipping") == "auto":
+            ds.deepspeed_config["gradient_clipping"] = recipe.train.max_grad_norm
+    return acc
+
+
+def check_cache(reader: CacheReader, recipe: Recipe, tok) -> None:
+    names = [t.name for t in recipe.teachers]
+    if reader.teacher_names != names:
+        raise DistillError(f"{reader.dir}: cache holds teachers {reader.teacher_names}, recipe lists {names}; "
+                           "rerun `distill cache`")
+    if reader.manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tok):
+        raise DistillError(f"{reader.dir}: the student's tokenizer differs from the one the cache was made with")
+
+
+def build_student(recipe: Recipe, device):
+    s = recipe.student
+    model = load_model(s.model, revision=s.revision, gguf_file=s.gguf_file, dtype=s.dtype,
+                       trust_remote_code=recipe.trust_remote_code, what="student.model")
+    check_param_limit(model, s.max_params)
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if s.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=s.lora.r, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
+                                                 target_modules=s.lora.target_modules, task_type="CAUSAL_LM"))
+    return model
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+class Budget:
+    """Decides, before each optimizer step, whether one more step and the final save still fit."""
+
+    def __init__(self, start: float, minutes: float | None, reserve_minutes: float, save_guess_s: float):
+        self.deadline = None if minutes is None else start + (minutes - reserve_minutes) * 60
+        self.step_s: list[float] = []
+        self.save_s = save_guess_s
+
+    def fits_another_step(self, now: float) -> bool:
+        if self.deadline is None:
+            return True
+        recent = self.step_s[-20:]
+        step = max(recent) if recent else 0.0
+        return now + step + self.save_s < self.deadline
+
+
+def _save_student(acc, wrapped, tok, out: Path) -> None:
+    """Gather (ZeRO-3 included) and save a `from_pretrained`-loadable student; LoRA is merged."""
+    state = acc.get_state_dict(wrapped)
+    model = acc.unwrap_model(wrapped).student
+    if acc.is_main_process:
+        state = {k.removeprefix("student."): v for k, v in state.items()}
+        if hasattr(model, "merge_and_unload"):
+            import copy
+
+            adapter_dir = out.with_name(out.name + "_adapter")
+            model.save_pretrained(adapter_dir)
+            merged = copy.deepcopy(model).merge_and_unload()
+            save_pretrained(merged, tok, out)
+        else:
+            tmp = out.with_name(out.name + ".tmp")
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            import os
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    acc.wait_for_everyone()
+
+
+def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) -> Path:
+    tmp = ckpt.tmp_path(root, step)
+    acc.save_state(str(tmp))  # collective under DeepSpeed
+    acc.wait_for_everyone()
+    final = ckpt.finalize(root, step, state, keep_last) if acc.is_main_process else root / tmp.name[:-4]
+    acc.wait_for_everyone()
+    return final
+
+
+def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, log=print) -> TrainResult:
+    start = time.time() if start is None else start
+    t = recipe.train
+    acc = build_accelerator(recipe)
+    torch.manual_seed(recipe.seed)
+    run_dir = Path(recipe.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+
+    reader = CacheReader(recipe.cache.dir)
+    tok = load_tokenizer(recipe.tokenizer or recipe.student.model,
+                         gguf_file=None if recipe.tokenizer else recipe.student.gguf_file,
+                         trust_remote_code=recipe.trust_remote_code, what="student tokenizer")
+    check_cache(reader, recipe, tok)
+    codec = make_codec(reader.manifest["codec"]["name"], reader.manifest["codec"]["k"],
+                       reader.manifest["codec"]["vocab_size"])
+    dataset = B.CacheDataset(reader)
+    targets_per_sample = dataset.targets()
+
+    student = build_student(recipe, acc.device)
+    wrapped = StudentWithLoss(student, recipe.loss)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+    plan0 = B.epoch_plan(len(dataset), t.batch_size, acc.num_processes, recipe.seed, 0)
+    if not plan0.global_batches:
+        raise DistillError(f"train.batch_size: {t.batch_size} x {acc.num_processes} processes is more than the "
+                           f"{len(dataset)} cached samples")
+    micro_per_epoch = len(plan0.global_batches)
+    plans = B.PlanCache(len(dataset), t.batch_size, acc.num_processes, recipe.seed, micro_per_epoch)
+    planned = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, planned))
+    wrapped, opt = acc.prepare(wrapped, opt)
+    acc.register_for_checkpointing(sched)
+
+    step, micro, tokens_seen = 0, 0, 0
+    if resume:
+        ckpt.clean_tmp(ckpt_root) if acc.is_main_process else None
+        last = ckpt.latest(ckpt_root)
+        if last is None:
+            raise DistillError(f"--resume: no complete checkpoint under {ckpt_root}")
+        ckpt.verify(last)
+        acc.load_state(str(last))
+        st = ckpt.read_state(last)
+        step, micro, tokens_seen = st["step"], st["micro"], st["tokens"]
+        log(f"resumed from {last} at step {step}")
+
+    if recipe.wandb.enabled:
+        init = {"mode": recipe.wandb.mode, "dir": str(run_dir), "name": recipe.wandb.run_name or recipe.name}
+        if recipe.wandb.entity:
+            init["entity"] = recipe.wandb.entity
+        acc.init_trackers(recipe.wandb.project, config=recipe_dict(recipe), init_kwargs={"wandb": init})
+
+    n_params = sum(p.numel() for p in params)
+    budget = Budget(start, t.budget_minutes, t.eval_reserve_minutes, save_guess_s=1.0 + n_params * 16 / 200e6)
+    teacher_w = [tt.weight for tt in recipe.teachers]
+    teacher_dom = [tt.domains for tt in recipe.teachers]
+    history = run_dir / "train_log.jsonl"
+    from tqdm import tqdm
+
+    bar = tqdm(total=planned, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
+    stopped_by, last_loss = "done", None
+    window = {"loss": 0.0, "tokens": 0, "div": None, "share": None, "t0": time.time()}
+    while step < planned:
+        if not _agree(acc, budget.fits_another_step(time.time())):
+            stopped_by = "budget"
+            break
+        t_step = time.time()
+        step_tokens = 0
+        # Target tokens of this whole optimizer step, over micro-batches and ranks: the
+        # same number on every rank, known before the step, so the loss is normalised once.
+        norm = sum(int(targets_per_sample[plans.batch(m)].sum()) for m in range(micro, micro + t.grad_accum))
+        for _ in range(t.grad_accum):
+            epoch, pos = divmod(micro, micro_per_epoch)
+            local = plans.get(epoch).local(pos, acc.process_index)
+            batch = B.collate([dataset[i] for i in local], tok.pad_token_id)
+            out = _micro_step(acc, wrapped, batch, codec, teacher_w, teacher_dom, reader.domains, recipe, norm)
+            micro += 1
+            step_tokens += out["n"]
+            window["loss"] += out["loss_sum"]
+            window["tokens"] += out["n"]
+            window["div"] = out["div"] if window["div"] is None else window["div"] + out["div"]
+            window["share"] = out["share"] if window["share"] is None else window["share"] + out["share"]
+        if t.max_grad_norm > 0:
+            acc.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += step_tokens
+        budget.step_s.append(time.time() - t_step)
+        bar.update(1)
+        if step % t.log_every_steps == 0 or step == planned:
+            last_loss = _log(acc, bar, window, step, sched, recipe, history)
+        if t.save_every_steps and step % t.save_every_steps == 0 and step < planned:
+            t0 = time.time()
+            _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen}, t.keep_last)
+            budget.save_s = max(budget.save_s, 2 * (time.time() - t0))
+    bar.close()
+    if window["tokens"]:
+        last_loss = _log(acc, bar, window, step, sched, recipe, history)
+    final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
+                                  t.keep_last)
+    _save_student(acc, wrapped, tok, run_dir / "student")
+    wall = time.time() - start
+    result = TrainResult(step, planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
+                         str(final_ckpt))
+    if acc.is_main_process:
+        (run_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=1) + "\n")
+        log(f"train: {step}/{planned} steps ({'stopped by the time budget' if stopped_by == 'budget' else 'done'}), "
+            f"{tokens_seen} target tokens, {wall:.1f}s; student saved to {run_dir / 'student'}")
+    acc.end_training()
+    return result
+
+
+def _agree(acc, flag: bool) -> bool:
+    """All ranks take rank 0's decision (clocks differ slightly between processes)."""
+    if acc.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast
+
+    t = torch.tensor([1 if flag else 0], device=acc.device)
+    return bool(broadcast(t, from_process=0).item())
+
+
+def decode_signal(codec, records: torch.Tensor) -> TeacherSignal:
+    """records [N, M, R] uint8 -> TeacherSignal with [N, M, k] tensors."""
+    N, M, R = records.shape
+    ids, lp, res = codec.decode(records.reshape(N * M, R))
+    k = ids.shape[-1]
+    return TeacherSignal(ids=ids.reshape(N, M, k), logprobs=lp.reshape(N, M, k), log_residual=res.reshape(N, M))
+
+
+def _micro_step(acc, wrapped, batch: dict, codec, teacher_w, teacher_dom, domain_names: list[str],
+                recipe: Recipe, norm: int) -> dict:
+    dev = acc.device
+    signal = decode_signal(codec, batch["records"].to(dev, non_blocking=True))
+    names = [None if d < 0 else domain_names[d] for d in batch["domains"].tolist()]
+    ex_w = example_weights(teacher_w, teacher_dom, names, recipe.loss.weighting).to(dev)
+    token_w = ex_w[:, batch["row_sample"].to(dev)]
+    with acc.accumulate(wrapped):
+        out = wrapped(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["select"].to(dev),
+                      batch["targets"].to(dev), signal, token_w)
+        # accelerate divides by grad_accum and DDP/DeepSpeed average over ranks: undo both,
+        # so the gradient is exactly sum(token losses) / (global target tokens of the step).
+        scale = acc.num_processes * recipe.train.grad_accum / max(norm, 1)
+        loss = out["loss_sum"] * scale
+        if not torch.isfinite(loss):
+            raise DistillError(f"training diverged: non-finite loss ({loss.item()}); the last good checkpoint "
+                               f"is kept under {Path(recipe.run_dir) / 'checkpoints'}")
+        acc.backward(loss)
+    return {"loss_sum": out["loss_sum"].detach().float().item(), "n": int(out["n_tokens"]),
+            "div": out["div"].detach().float().cpu(), "share": out["share"].detach().float().cpu()}
+
+
+def _log(acc, bar, window: dict, step: int, sched, recipe: Recipe, history: Path) -> float | None:
+    n = max(window["tokens"], 1)
+    elapsed = max(time.time() - window["t0"], 1e-9)
+    metrics = {"step": step, "loss": window["loss"] / n, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": window["tokens"] * acc.num_processes / elapsed}
+    if window["div"] is not None:
+        for i, tt in enumerate(recipe.teachers):
+            metrics[f"div/{tt.name}"] = float(window["div"][i]) / n
+            metrics[f"share/{tt.name}"] = float(window["share"][i]) / n
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    acc.log(metrics, step=step)
+    if acc.is_main_process:
+        with open(history, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    window.update(loss=0.0, tokens=0, div=None, share=None, t0=time.time())
+    return metrics["loss"]

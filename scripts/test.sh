@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, slow tests included. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+# Tests never reach the Hub or W&B servers: everything they use is local.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,161 @@
+"""Recipes: loading, overrides, placeholders, and one-line errors (exit 2) for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.cli import main
+from distill.config import load_recipe
+from distill.errors import ConfigError
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict:
+    for d in ("teacher_a", "teacher_b", "student"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "data.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n')
+    return {
+        "name": "t",
+        "run_dir": str(tmp_path / "run"),
+        "teachers": [
+            {"name": "a", "model": str(tmp_path / "teacher_a"), "domains": ["math"]},
+            {"name": "b", "model": str(tmp_path / "teacher_b"), "domains": ["qa"]},
+        ],
+        "student": {"model": str(tmp_path / "student")},
+        "data": {"sources": [{"path": str(tmp_path / "data.jsonl"), "domain": "math"}]},
+        "eval": {"tasks": ["boolq"]},
+    }
+
+
+def write(tmp_path: Path, data: dict, name="recipe.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_valid_recipe_loads_with_defaults_and_overrides(tmp_path, base):
+    r = load_recipe(write(tmp_path, base), ["train.lr=3e-4", "teachers.1.weight=2", "loss.divergence=jsd"])
+    assert r.train.lr == 3e-4 and r.teachers[1].weight == 2.0 and r.loss.divergence == "jsd"
+    assert r.cache.top_k == 32 and r.cache.dir == str(tmp_path / "run" / "cache")  # default + placeholder
+
+
+def test_run_dir_placeholders(tmp_path, base):
+    base["run_dir"] = str(tmp_path / "runs" / "{name}")
+    base["cache"] = {"dir": "{run_dir}/mycache"}
+    r = load_recipe(write(tmp_path, base))
+    assert r.run_dir == str(tmp_path / "runs" / "t")
+    assert r.cache.dir == str(tmp_path / "runs" / "t" / "mycache")
+
+
+def test_paths_under_run_dir_may_not_exist_yet(tmp_path, base):
+    base["teachers"][0]["model"] = "{run_dir}/synthetic/expert"
+    assert load_recipe(write(tmp_path, base)).teachers[0].model.endswith("run/synthetic/expert")
+
+
+def test_hub_ids_are_not_checked_on_disk(tmp_path, base):
+    base["teachers"][0]["model"] = "meta-llama/Llama-3.1-8B-Instruct"
+    assert load_recipe(write(tmp_path, base)).teachers[0].model == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+# (mutation of the base recipe, key the error must name)
+BAD = [
+    (lambda d: d.update(bogus=1), "bogus"),
+    (lambda d: d["train"].update(lr="fast") if "train" in d else d.update(train={"lr": "fast"}), "train.lr"),
+    (lambda d: d["teachers"][0].pop("model"), "teachers[0].model"),
+    (lambda d: d["teachers"][1].update(model="/no/such/teacher"), "teachers[1].model"),
+    (lambda d: d.update(train={"budget_minutes": -5}), "train.budget_minutes"),
+    (lambda d: d.update(cache={"top_k": 0}), "cache.top_k"),
+    (lambda d: d.update(cache={"top_k": -3}), "cache.top_k"),
+    (lambda d: d["teachers"][1].update(name="a"), "teachers[1].name"),
+    (lambda d: d.update(loss={"divergence": "hellinger"}), "loss.divergence"),
+    (lambda d: d["data"].update(sources=[]), "data.sources"),
+    (lambda d: d.update(teachers=[]), "teachers"),
+    (lambda d: d.pop("student"), "student"),
+    (lambda d: d.update(loss={"beta": 1.5}), "loss.beta"),
+    (lambda d: d.update(loss={"skew_alpha": 0.0}), "loss.skew_alpha"),
+    (lambda d: d.update(loss={"weighting": "vote"}), "loss.weighting"),
+    (lambda d: [t.update(weight=0) for t in d["teachers"]], "teachers"),
+    (lambda d: d["teachers"][0].update(weight=-1), "teachers[0].weight"),
+    (lambda d: d.update(loss={"weighting": "route"}) or d["data"]["sources"][0].update(domain="code"),
+     "data.sources[0].domain"),
+    (lambda d: d.update(cache={"codec": "zip"}), "cache.codec"),
+    (lambda d: d.update(train={"batch_size": 0}), "train.batch_size"),
+    (lambda d: d.update(train={"epochs": 1, "max_steps": -1}), "train.max_steps"),
+    (lambda d: d.update(data={"sources": d["data"]["sources"], "max_length": 1}), "data.max_length"),
+    (lambda d: d["data"]["sources"][0].update(path=str(Path(d["run_dir"]).parent / "missing.jsonl")),
+     "data.sources[0].path"),
+    (lambda d: d.update(teachers={"name": "a"}), "teachers"),
+    (lambda d: d["student"].update(lora={"r": 0}), "student.lora.r"),
+    (lambda d: d.update(eval={"models": [{"name": "avg", "merge": ["a", "zzz"]}]}), "eval.models[0].merge[1]"),
+    (lambda d: d.update(eval={"models": [{"name": "avg"}]}), "eval.models[0]"),
+    (lambda d: d.update(publish={"push": True}), "publish.repo_id"),
+    (lambda d: d.update(train={"budget_minutes": 1, "eval_reserve_minutes": 2}), "train.eval_reserve_minutes"),
+    (lambda d: d["student"].update(max_params=-1), "student.max_params"),
+    (lambda d: d.update(name=""), "name"),
+    (lambda d: d.update(synthetic={"hidden_size": 512}), "synthetic.hidden_size"),
+]
+
+
+@pytest.mark.parametrize("mutate,key", BAD, ids=[k for _, k in BAD])
+def test_bad_recipe_one_line_error_exit_2(tmp_path, base, capsys, mutate, key):
+    mutate(base)
+    path = write(tmp_path, base)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert info.value.key.startswith(key), (info.value.key, key)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("distill: error: ") and key in err, err
+
+
+def test_bad_override_names_key(tmp_path, base, capsys):
+    path = write(tmp_path, base)
+    for override, key in [("train.lr=abc", "train.lr"), ("teachers.7.weight=1", "teachers.7"),
+                          ("nokey", "nokey"), ("loss.chunk_size=0", "loss.chunk_size")]:
+        with pytest.raises(SystemExit) as e:
+            main(["validate", str(path), override])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert key in err and "\n" not in err, err
+
+
+def test_not_yaml_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teachers: [a, b\n")
+    for path in (bad, tmp_path / "nope.yaml"):
+        with pytest.raises(SystemExit) as e:
+            main(["validate", str(path)])
+        assert e.value.code == 2
+        assert "\n" not in capsys.readouterr().err.strip()
+
+
+def test_cli_subprocess_prints_no_traceback(tmp_path, base):
+    base["cache"] = {"top_k": 0}
+    path = write(tmp_path, base)
+    proc = subprocess.run([sys.executable, "-m", "distill", "validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("distill: error: cache.top_k")
+
+
+def test_validate_prints_resolved_with_origins(tmp_path, base, capsys):
+    main_path = write(tmp_path, base)
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(main_path), "train.lr=0.01"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "train.lr: 0.01  (override)" in out
+    assert "cache.top_k: 32  (default)" in out
+    assert "student.model:" in out and "(recipe)" in out
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for p in recipes:
+        load_recipe(p)
