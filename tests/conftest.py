@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny real models and data on disk, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _tiny(path: Path, seed: int, tok, hidden: int = 32) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict:
+    """A char tokenizer, a base and two differently-initialised teachers, calibration data."""
+    from distill.synthetic import build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = build_tokenizer()
+    paths = {name: _tiny(root / name, seed, tok) for name, seed in (("base", 0), ("ta", 1), ("tb", 2))}
+    rows = [{"prompt": f"{i}+{i + 1}=", "response": str(2 * i + 1), "domain": "add" if i % 2 else "rev"}
+            for i in range(40)]
+    data = root / "calib.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "tok": tok, "data": data, **paths}
+
+
+def tiny_recipe(world: dict, run_dir: Path, **sections) -> dict:
+    """A complete recipe over the tiny world; `sections` replace top-level keys."""
+    recipe = {
+        "name": "tiny",
+        "run_dir": str(run_dir),
+        "teachers": [{"name": "ta", "model": str(world["ta"]), "domains": ["add"]},
+                     {"name": "tb", "model": str(world["tb"]), "domains": ["rev"]}],
+        "student": {"model": str(world["base"])},
+        "data": {"sources": [{"path": str(world["data"]), "domain_field": "domain"}], "max_length": 32},
+        "cache": {"top_k": 4, "batch_size": 8, "shard_tokens": 200},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "log_every_steps": 1},
+    }
+    recipe.update(sections)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path

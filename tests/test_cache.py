@@ -1,0 +1,132 @@
+"""The teacher cache on tiny real models: content, resume, verification, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_recipe, write_recipe
+from distill.cache import store
+from distill.cache.capture import run_capture
+from distill.cache.codec import make_codec
+from distill.cli import main
+from distill.config import load_recipe
+from distill.errors import CacheError, DistillError
+
+
+def _capture(world, tmp_path, **sections):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(world, tmp_path / "run", **sections))
+    recipe = load_recipe(path)
+    return recipe, run_capture(recipe)
+
+
+def _digest(cache_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(cache_dir)): store.sha256_file(p) for p in sorted(cache_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_cache_rows_match_teacher_logits(tiny_world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe, report = _capture(tiny_world, tmp_path)
+    reader = store.CacheReader(recipe.cache.dir, verify="full")
+    assert len(reader) == 40 and reader.teacher_names == ["ta", "tb"]
+    assert len(reader.manifest["shards"]) > 1  # shard_tokens=200 splits the data
+    m = reader.manifest
+    codec = make_codec(m["codec"]["name"], m["codec"]["k"], m["codec"]["vocab_size"])
+    teachers = [AutoModelForCausalLM.from_pretrained(tiny_world[n]).eval() for n in ("ta", "tb")]
+    for i in (0, 17, 39):
+        s = reader.sample(i)
+        ids = torch.from_numpy(s["input_ids"])[None]
+        pos = np.flatnonzero(s["target_mask"]) - 1  # position t predicts token t+1
+        assert s["records"].shape[:2] == (2, len(pos)) and len(pos) > 0
+        for t, model in enumerate(teachers):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits[0, pos].float(), -1)
+            got_ids, got_lp, got_res = codec.decode(torch.from_numpy(s["records"][t]))
+            ref_lp, ref_ids = lp.topk(4, dim=-1)
+            assert torch.equal(got_ids, ref_ids)
+            assert torch.allclose(got_lp, ref_lp, atol=2e-3)
+            rest = lp.scatter(-1, ref_ids, float("-inf")).logsumexp(-1)
+            assert torch.allclose(got_res, rest, atol=2e-3)
+    assert report.model_loads == 2 and report.rows == 2 * m["data"]["targets"]
+
+
+def test_rerun_is_a_no_op_and_partial_capture_resumes_identically(tiny_world, tmp_path):
+    recipe, _ = _capture(tiny_world, tmp_path)
+    cache_dir = Path(recipe.cache.dir)
+    before = _digest(cache_dir)
+    again = run_capture(recipe)
+    assert again.model_loads == 0 and _digest(cache_dir) == before
+    # Simulate a capture killed after some files: drop a teacher file and its manifest entry.
+    manifest = store.read_manifest(cache_dir)
+    shard = sorted(manifest["shards"])[1]
+    del manifest["shards"][shard]["files"][store.teacher_file("tb")]
+    manifest["complete"] = False
+    store.write_json_atomic(cache_dir / "manifest.json", manifest)
+    (cache_dir / shard / store.teacher_file("tb")).unlink()
+    (cache_dir / shard / "junk.npy.tmp123").write_bytes(b"half-written")
+    with pytest.raises(CacheError, match="incomplete"):
+        store.CacheReader(cache_dir)
+    resumed = run_capture(recipe)
+    assert resumed.model_loads == 1  # only tb's group had work left
+    assert _digest(cache_dir) == before
+
+
+def test_flipped_byte_is_detected_and_named(tiny_world, tmp_path, capsys):
+    recipe, _ = _capture(tiny_world, tmp_path)
+    cache_dir = Path(recipe.cache.dir)
+    target = sorted(cache_dir.glob("shard-*/teacher-ta.npy"))[0]
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "verify", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert str(target) in err and "sha256" in err
+    target.write_bytes(bytes(data[:-7]))  # truncated: caught even by the fast size check
+    with pytest.raises(CacheError, match="teacher-ta.npy: size"):
+        store.CacheReader(cache_dir)
+
+
+def test_changed_recipe_is_refused_unless_rebuild(tiny_world, tmp_path):
+    recipe, _ = _capture(tiny_world, tmp_path)
+    changed = write_recipe(tmp_path / "r2.yaml", tiny_recipe(tiny_world, tmp_path / "run",
+                                                             cache={"top_k": 3, "shard_tokens": 200}))
+    with pytest.raises(CacheError, match="different codec"):
+        run_capture(load_recipe(changed))
+    rebuilt = run_capture(load_recipe(changed, ["cache.rebuild=true"]))
+    assert rebuilt.model_loads == 2
+    assert store.read_manifest(Path(recipe.cache.dir))["codec"]["k"] == 3
+
+
+def test_teacher_with_other_tokenizer_is_refused_before_loading(tiny_world, tmp_path):
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_world["ta"], other)
+    tok = tiny_world["tok"]
+    tok2 = type(tok).from_pretrained(tiny_world["ta"])
+    tok2.add_tokens(["<extra>"])
+    tok2.save_pretrained(other)
+    (other / "model.safetensors").write_bytes(b"not weights: loading them would fail loudly")
+    recipe = tiny_recipe(tiny_world, tmp_path / "run")
+    recipe["teachers"][1]["model"] = str(other)
+    with pytest.raises(DistillError, match=r"teachers\[1\] \(tb\): its tokenizer differs"):
+        run_capture(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_manifest_documents_itself(tiny_world, tmp_path):
+    recipe, _ = _capture(tiny_world, tmp_path)
+    m = json.loads((Path(recipe.cache.dir) / "manifest.json").read_text())
+    assert m["format"] == "distill-cache" and m["version"] == 1 and m["complete"]
+    assert [t["name"] for t in m["teachers"]] == ["ta", "tb"] and m["domains"] == ["add", "rev"]
+    assert m["tokenizer"]["fingerprint"] and m["data"]["fingerprint"]
+    for entry in m["shards"].values():
+        assert set(entry["files"]) == set(store.expected_files(m))
+        assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in entry["files"].values())
