@@ -1,0 +1,93 @@
+"""The trainer on tiny real models: learns from the cache, saves a loadable student, budget, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_recipe, write_recipe
+from distill.cache.capture import run_capture
+from distill.config import load_recipe
+from distill.train import Budget, lr_lambda, run_train
+
+
+@pytest.fixture
+def cached(tiny_world, tmp_path):
+    def make(overrides=(), **sections):
+        path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", **sections))
+        recipe = load_recipe(path, list(overrides))
+        run_capture(recipe)
+        return recipe
+    return make
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_student_reloads_identically(cached):
+    from transformers import AutoModelForCausalLM
+
+    recipe = cached(["train.max_steps=30", "train.lr=1e-2", "train.schedule=constant", "train.log_every_steps=5",
+                     "loss.weighting=route"])
+    result = run_train(recipe)
+    run = Path(recipe.run_dir)
+    losses = [h["loss"] for h in _history(run)]
+    assert result.steps == 30 and result.stopped_by == "done" and len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert {"share/ta", "share/tb", "div/ta", "lr", "tokens_per_s"} <= set(_history(run)[0])
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    from distill.checkpoint import latest
+
+    ckpt = latest(run / "checkpoints")
+    assert ckpt is not None and (ckpt / "CHECKSUMS.json").exists()
+    from safetensors.torch import load_file
+
+    trained = load_file(next(ckpt.glob("**/model.safetensors")))
+    ids = torch.tensor([[1, 5, 6, 16, 7]])
+    reference = AutoModelForCausalLM.from_pretrained(recipe.student.model)
+    reference.load_state_dict({k.removeprefix("student."): v for k, v in trained.items()}, strict=False)
+    with torch.no_grad():
+        assert torch.allclose(student(ids).logits, reference(ids).logits, atol=1e-6)
+        base = AutoModelForCausalLM.from_pretrained(recipe.student.model)
+        assert not torch.allclose(student(ids).logits, base(ids).logits, atol=1e-4)
+
+
+def test_routing_shares_follow_domains(cached):
+    recipe = cached(["train.max_steps=3", "loss.weighting=route"])
+    run_train(recipe)
+    for h in _history(Path(recipe.run_dir)):
+        assert abs(h["share/ta"] + h["share/tb"] - 1) < 1e-5
+        assert 0 < h["share/ta"] < 1  # both domains occur in the data
+
+
+def test_budget_stops_early_with_usable_checkpoint(cached):
+    from transformers import AutoModelForCausalLM
+
+    recipe = cached(["train.max_steps=100000", "train.budget_minutes=0.25"])
+    import time
+
+    start = time.time()
+    result = run_train(recipe, start=start)
+    elapsed = time.time() - start
+    assert result.stopped_by == "budget" and 0 < result.steps < 100000
+    assert abs(elapsed - 15) <= 15, elapsed  # max(2%, 15 s) of the 15 s allotted
+    AutoModelForCausalLM.from_pretrained(Path(recipe.run_dir) / "student")
+
+
+def test_budget_rule():
+    b = Budget(start=0.0, minutes=1.0, reserve_minutes=0.5, save_guess_s=2.0)
+    b.step_s = [1.0, 3.0]
+    assert b.fits_another_step(24.0) and not b.fits_another_step(25.5)
+    assert Budget(0.0, None, 0.0, 1.0).fits_another_step(1e9)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedules(schedule):
+    f = lr_lambda(schedule, warmup=4, total=20)
+    assert f(0) < f(3) <= 1.0 and f(4) == pytest.approx(1.0)
+    end = f(20)
+    assert end == pytest.approx({"cosine": 0.0, "linear": 0.0, "constant": 1.0}[schedule], abs=1e-9)
