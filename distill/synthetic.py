@@ -3,7 +3,7 @@
 `prepare(recipe)` builds, under `<run_dir>/synthetic/`:
 
     tokenizer + base/        a tiny Llama (hidden <= 128) briefly trained on both skills' formats
-    expert_add/              base fine-tuned on multi-digit addition     ("12+345=" -> "357")
+    expert_add/              base fine-tuned on multi-digit addition     ("12+39=" -> "15", sum reversed)
     expert_rev/              base fine-tuned on string reversal          ("rev:abcd=" -> "dcba")
     calib.jsonl              calibration prompts of both skills with gold responses and a domain tag
     eval_add.jsonl, eval_rev.jsonl, tasks/add.yaml, tasks/rev.yaml   held-out exact-match tasks
@@ -58,8 +58,14 @@ def build_model(cfg: SyntheticConfig, vocab_size: int, seed: int):
 
 
 def make_add(rng: random.Random, digits: int) -> tuple[str, str]:
+    """Multi-digit addition, the sum written least-significant digit first ("12+39=" -> "15").
+
+    In that order each answer digit depends only on two operand digits and the carry
+    just produced, which a tiny causal transformer learns in a few hundred steps
+    (most-significant-first needs carry look-ahead and thousands of steps).
+    """
     a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
-    return f"{a}+{b}=", str(a + b)
+    return f"{a}+{b}=", str(a + b)[::-1]
 
 
 def make_rev(rng: random.Random, max_len: int) -> tuple[str, str]:
@@ -113,7 +119,9 @@ def train_sft(model, tok, skills: list[str], steps: int, cfg: SyntheticConfig, s
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     model.train()
-    for _ in range(steps):
+    from tqdm import tqdm
+
+    for _ in tqdm(range(steps), desc=f"sft {'+'.join(skills)}", unit="step", leave=False):
         rows = [{"prompt": p, "response": r} for p, r in
                 (SKILLS[rng.choice(skills)](rng, cfg) for _ in range(cfg.batch_size))]
         ids, attn, labels = _batch(tok, rows)
@@ -134,7 +142,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _task_yaml(name: str, data: str, max_new_tokens: int) -> str:
-    return (f"name: {name}\nkind: generate_exact\ndata: {data}\nprompt_field: prompt\n"
+    return (f"name: {name}\nkind: generate_exact\ndataset: {data}\nprompt_field: prompt\n"
             f"target_field: target\nmax_new_tokens: {max_new_tokens}\n")
 
 

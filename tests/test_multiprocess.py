@@ -1,0 +1,54 @@
+"""Real multi-process runs on CPU: `accelerate launch` with 2 processes over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_recipe, write_recipe
+from distill.cache.capture import run_capture
+from distill.config import load_recipe
+
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+
+
+def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29613",
+           "-m", "distill", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_trains_and_saves(tiny_world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = tiny_recipe(tiny_world, tmp_path / "run",
+                         train={"max_steps": 12, "batch_size": 2, "lr": 1e-2, "log_every_steps": 3,
+                                "schedule": "constant"},
+                         wandb={"enabled": True, "mode": "offline", "project": "distill-test"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_capture(load_recipe(path))
+    proc = _launch(["train", str(path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "run"
+    result = json.loads((run / "train_result.json").read_text())
+    assert result["steps"] == 12
+    losses = [json.loads(x)["loss"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0], losses
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    with torch.no_grad():
+        out = student(torch.tensor([[1, 5, 6, 16]])).logits
+    assert torch.isfinite(out).all()
+    # W&B offline run directory with the loss history.
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert runs, list((run / "wandb").glob("*"))
+    logs = list(runs[0].glob("*.wandb"))
+    assert logs and b"loss" in logs[0].read_bytes()
