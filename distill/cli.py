@@ -50,7 +50,8 @@ def _state():
     import torch
     from accelerate import PartialState
 
-    kwargs = {} if torch.cuda.is_available() else {"backend": "gloo"}
+    # Without CUDA, ranks are CPU processes talking over gloo (accelerate needs cpu=True to see that).
+    kwargs = {} if torch.cuda.is_available() else {"cpu": True, "backend": "gloo"}
     return PartialState(**kwargs)
 
 

@@ -77,7 +77,8 @@ def build_accelerator(recipe: Recipe):
     # Multi-process on CPU needs gloo (DeepSpeed included); a plain single process needs no group.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    acc = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum, mixed_precision=mp,
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      gradient_accumulation_steps=recipe.train.grad_accum, mixed_precision=mp,
                       log_with="wandb" if recipe.wandb.enabled else None, kwargs_handlers=handlers,
                       project_config=ProjectConfiguration(project_dir=recipe.run_dir))
     ds = acc.state.deepspeed_plugin

@@ -52,3 +52,24 @@ def test_ddp_two_processes_trains_and_saves(tiny_world, tmp_path):
     assert runs, list((run / "wandb").glob("*"))
     logs = list(runs[0].glob("*.wandb"))
     assert logs and b"loss" in logs[0].read_bytes()
+
+
+@pytest.mark.slow
+def test_two_process_capture_equals_one_process(tiny_world, tmp_path):
+    """Ranks split the shards; the cache is byte-identical to a single-process capture."""
+    from distill.cache import store
+
+    def digest(cache_dir: Path) -> dict:
+        return {str(p.relative_to(cache_dir)): store.sha256_file(p) for p in sorted(cache_dir.rglob("*"))
+                if p.is_file() and p.name != ".lock"}
+
+    single = write_recipe(tmp_path / "one.yaml", tiny_recipe(tiny_world, tmp_path / "one"))
+    double = write_recipe(tmp_path / "two.yaml", tiny_recipe(tiny_world, tmp_path / "two"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # same kernels as each launched rank
+    proc = subprocess.run([sys.executable, "-m", "distill", "cache", str(single)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _launch(["cache", str(double)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = digest(tmp_path / "one" / "cache"), digest(tmp_path / "two" / "cache")
+    assert len(one) > 10 and one == two
