@@ -174,7 +174,7 @@ class SyntheticConfig:
     expert_steps: int = 700
     batch_size: int = 64
     lr: float = 3e-3
-    calib_samples: int = 1024  # calibration prompts (half per skill)
+    calib_samples: int = 2048  # calibration prompts (half per skill)
     eval_samples: int = 200  # held-out eval prompts per skill
 
 

@@ -3,7 +3,7 @@
 `prepare(recipe)` builds, under `<run_dir>/synthetic/`:
 
     tokenizer + base/        a tiny Llama (hidden <= 128) briefly trained on both skills' formats
-    expert_add/              base fine-tuned on multi-digit addition     ("12+39=" -> "15", sum reversed)
+    expert_add/              base fine-tuned on multi-digit addition     ("05+37=" -> "240": 42, reversed)
     expert_rev/              base fine-tuned on string reversal          ("rev:abcd=" -> "dcba")
     calib.jsonl              calibration prompts of both skills with gold responses and a domain tag
     eval_add.jsonl, eval_rev.jsonl, tasks/add.yaml, tasks/rev.yaml   held-out exact-match tasks
@@ -16,6 +16,7 @@ finished `synthetic/` folder (marked by DONE) is reused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -58,14 +59,15 @@ def build_model(cfg: SyntheticConfig, vocab_size: int, seed: int):
 
 
 def make_add(rng: random.Random, digits: int) -> tuple[str, str]:
-    """Multi-digit addition, the sum written least-significant digit first ("12+39=" -> "15").
+    """Multi-digit addition on fixed-width operands, the sum written least-significant digit first.
 
-    In that order each answer digit depends only on two operand digits and the carry
-    just produced, which a tiny causal transformer learns in a few hundred steps
-    (most-significant-first needs carry look-ahead and thousands of steps).
+    "05+37=" -> "240" (42, zero-padded to digits+1, reversed). Fixed widths and the
+    reversed sum make every answer digit depend on two operand digits at fixed
+    positions plus the carry just written, which a tiny causal transformer learns in a
+    few hundred steps (the usual order needs carry look-ahead and far longer training).
     """
     a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
-    return f"{a}+{b}=", str(a + b)[::-1]
+    return f"{a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}"[::-1]
 
 
 def make_rev(rng: random.Random, max_len: int) -> tuple[str, str]:
@@ -151,7 +153,8 @@ def prepare(recipe: Recipe, log=print) -> Path:
     cfg = recipe.synthetic
     assert cfg is not None
     out = Path(recipe.run_dir) / "synthetic"
-    if (out / "DONE").exists():
+    stamp = json.dumps({"seed": recipe.seed, **dataclasses.asdict(cfg)}, sort_keys=True)
+    if (out / "DONE").exists() and (out / "DONE").read_text() == stamp:
         log(f"synthetic: reusing {out}")
         return out
     tmp = out.with_name("synthetic.tmp")
@@ -182,7 +185,7 @@ def prepare(recipe: Recipe, log=print) -> Path:
         (tasks / f"{skill}.yaml").write_text(_task_yaml(skill, f"../eval_{skill}.jsonl", max_new[skill]))
     random.Random(seed).shuffle(calib)
     _write_jsonl(tmp / "calib.jsonl", calib)
-    (tmp / "DONE").write_text("ok\n")
+    (tmp / "DONE").write_text(stamp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
