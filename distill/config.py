@@ -86,7 +86,7 @@ class DataConfig:
 @dataclass
 class CacheConfig:
     dir: str = "{run_dir}/cache"
-    top_k: int = 32  # teacher tokens kept per position
+    top_k: int = 26  # teacher tokens kept per position (26 x default codec = 64 B/token at V=49,152)
     codec: str = "default"  # see distill/cache/codec.py
     shard_tokens: int = 1 << 20  # target tokens per shard
     batch_size: int = 8  # samples per teacher forward pass

@@ -39,7 +39,7 @@ def write(tmp_path: Path, data: dict, name="recipe.yaml") -> Path:
 def test_valid_recipe_loads_with_defaults_and_overrides(tmp_path, base):
     r = load_recipe(write(tmp_path, base), ["train.lr=3e-4", "teachers.1.weight=2", "loss.divergence=jsd"])
     assert r.train.lr == 3e-4 and r.teachers[1].weight == 2.0 and r.loss.divergence == "jsd"
-    assert r.cache.top_k == 32 and r.cache.dir == str(tmp_path / "run" / "cache")  # default + placeholder
+    assert r.cache.top_k == 26 and r.cache.dir == str(tmp_path / "run" / "cache")  # default + placeholder
 
 
 def test_run_dir_placeholders(tmp_path, base):
@@ -150,7 +150,7 @@ def test_validate_prints_resolved_with_origins(tmp_path, base, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "train.lr: 0.01  (override)" in out
-    assert "cache.top_k: 32  (default)" in out
+    assert "cache.top_k: 26  (default)" in out
     assert "student.model:" in out and "(recipe)" in out
 
 

@@ -1,0 +1,237 @@
+"""Cache codecs: exact ids, proper distributions, documented error bounds, determinism, bad input.
+
+The numpy decoder printed in docs/cache_codec.md is executed here against the codec, so the
+documented byte layout cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.cache.codec import CODECS, EliasFanoCodec, make_codec, sparse_from_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+EF = ["ef4", "ef5", "ef6", "ef7", "ef8"]
+# (V, k): V not a power of 2, V = 2**16 (ids fill 16 bits), V = 2**16 + 1, Llama-3's 128,256;
+# k = 1, odd k, the default's k, k = V.
+SHAPES = [(2, 1), (3, 3), (1000, 1), (1000, 7), (1000, 1000), (49152, 26), (49152, 86),
+          (65536, 13), (65537, 5), (128256, 1), (128256, 26)]
+
+
+@functools.lru_cache(maxsize=None)
+def _rows(V: int, k: int, m: int = 20):
+    """Top-k of random logits at several sharpness levels, incl. near-one-hot rows (cached: read-only)."""
+    g = torch.Generator().manual_seed(V + k)
+    scale = torch.tensor([0.1, 1.0, 3.0, 10.0, 40.0]).repeat(m // 5 + 1)[:m, None]
+    logits = torch.randn(m, V, generator=g) * scale
+    ids, lp, res = sparse_from_logits(logits, k)
+    return torch.log_softmax(logits, -1), ids, lp, res
+
+
+@pytest.mark.parametrize("name", ["fp16", *EF])
+@pytest.mark.parametrize("V,k", SHAPES)
+def test_round_trip_ids_exact_and_distribution_proper(name, V, k):
+    codec = make_codec(name, k, V)
+    full, ids, lp, res = _rows(V, k)
+    rec = codec.encode(ids, lp, res)
+    assert rec.dtype == torch.uint8 and rec.shape == (len(ids), codec.record_bytes)
+    d_ids, d_lp, d_res = codec.decode(rec)
+    assert d_ids.dtype == torch.int64 and d_lp.dtype == torch.float32 and d_res.dtype == torch.float32
+    assert torch.equal(d_ids.sort(-1).values, ids.sort(-1).values)  # the same set of ids, exactly
+    assert torch.equal(d_ids[:, 0], full.argmax(-1))  # the top-1 survives quantization
+    total = d_lp.double().exp().sum(-1) + d_res.double().exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    if k == V:
+        assert torch.isneginf(d_res).all()
+    else:
+        assert torch.isfinite(d_res).all()  # a stored tail is never exactly zero
+
+
+@pytest.mark.parametrize("name", EF)
+@pytest.mark.parametrize("V,k", [(1000, 7), (49152, 26), (128256, 26), (1000, 1000)])
+def test_quantization_error_within_documented_bounds(name, V, k):
+    codec = make_codec(name, k, V)
+    full, ids, lp, res = _rows(V, k)
+    d_ids, d_lp, d_res = codec.decode(codec.encode(ids, lp, res))
+    g, n = codec.GAMMA, (1 << codec.value_bits) - 1
+    true_d = full.gather(1, d_ids) - lp[:, :1]  # relative to the true top-1 (lp is sorted)
+    dec_d = d_lp - d_lp[:, :1]  # decoded entries come sorted, top-1 first
+    cells = 1 << codec.LO_BITS
+    lo = (-codec.LO_RANGE * torch.ceil(-true_d.min(-1).values * cells / codec.LO_RANGE).clamp(1, cells)
+          / cells).unsqueeze(-1)
+    step = 1 - torch.exp(g * lo)
+    y, y_hat = torch.exp(g * torch.maximum(true_d, lo)), torch.exp(g * dec_d)
+    err = (y - y_hat).abs() / step * n  # in units of one code step
+    near_top = y > 1 - step / (2 * n)
+    near_top[:, 0] = False
+    assert (err[:, 0] < 1e-4).all()
+    assert (err[~near_top] <= 0.5 + 1e-3).all(), err[~near_top].max()
+    assert (err[near_top] <= 1 + 1e-3).all()
+    if k < V:
+        sq, sq_hat = res.double().exp().sqrt(), d_res.double().exp().sqrt()
+        assert ((sq - sq_hat).abs() <= 2.0 ** -(codec.RESIDUAL_BITS + 1) + 1e-6).all()
+
+
+def test_more_value_bits_means_smaller_error():
+    full, ids, lp, res = _rows(49152, 26)
+    tvd = []
+    for name in EF:
+        codec = make_codec(name, 26, 49152)
+        d_ids, d_lp, _ = codec.decode(codec.encode(ids, lp, res))
+        tvd.append((full.gather(1, d_ids).exp() - d_lp.exp()).abs().sum(-1).mean().item())
+    assert all(a > b for a, b in zip(tvd, tvd[1:])), tvd
+
+
+@pytest.mark.parametrize("name", ["fp16", "ef6"])
+def test_zero_rows(name):
+    codec = make_codec(name, 4, 1000)
+    rec = codec.encode(torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, 4), torch.zeros(0))
+    assert rec.shape == (0, codec.record_bytes)
+    ids, lp, res = codec.decode(rec)
+    assert ids.shape == lp.shape == (0, 4) and res.shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["fp16", *EF])
+def test_records_are_deterministic(name):
+    codec = make_codec(name, 26, 49152)
+    _, ids, lp, res = _rows(49152, 26)
+    first = codec.encode(ids, lp, res)
+    assert torch.equal(first, codec.encode(ids.clone(), lp.clone(), res.clone()))
+    if name != "fp16":  # ef records hold a set: the input order does not matter
+        perm = torch.argsort(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)), -1)
+        perm[0] = torch.arange(26).flip(0)
+        assert torch.equal(first, codec.encode(ids.gather(1, perm), lp.gather(1, perm), res))
+
+
+def test_record_sizes_pinned():
+    # docs/benchmarks.md and the recipe defaults quote these sizes.
+    assert make_codec("default", 26, 49152).record_bytes == 64
+    assert make_codec("hifi", 86, 49152).record_bytes == 197
+    assert make_codec("default", 26, 128256).record_bytes == 68
+    assert make_codec("fp16", 32, 49152).record_bytes == 130
+    c = make_codec("ef6", 26, 49152)  # 10 + 6 + 26*6 + 26*10 + (26 + (49151 >> 10)) = 505 bits
+    assert (c.low_bits, c.upper_bits, c.record_bits) == (10, 73, 505)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_describe_rebuilds_the_same_codec(name):
+    # The trainer rebuilds the codec from the manifest: make_codec(desc["name"], desc["k"], desc["vocab_size"]).
+    desc = make_codec(name, 26, 49152).describe()
+    again = make_codec(desc["name"], desc["k"], desc["vocab_size"])
+    assert again.describe() == desc and desc["record_bytes"] == again.record_bytes
+    assert {"name", "k", "vocab_size", "record_bytes"} <= set(desc)
+
+
+@pytest.mark.parametrize("name", ["fp16", *EF])
+def test_bad_inputs_rejected(name):
+    codec = make_codec(name, 5, 1000)
+    _, ids, lp, res = _rows(1000, 5)
+    for bad in (1000, 5000, -1):
+        with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+            codec.encode(torch.where(ids == ids[3, 2], torch.tensor(bad), ids), lp, res)
+    with pytest.raises(ValueError, match="expected"):
+        codec.encode(ids[:, :4], lp[:, :4], res)
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode(ids, torch.where(lp == lp[0, 1], torch.tensor(float("nan")), lp), res)
+    with pytest.raises(ValueError, match="integers"):
+        codec.encode(ids.float(), lp, res)
+
+
+def test_ef_rejects_duplicates_and_corrupt_records():
+    codec = make_codec("default", 5, 1000)
+    _, ids, lp, res = _rows(1000, 5)
+    dup = ids.clone()
+    dup[2, 1] = dup[2, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        codec.encode(dup, lp, res)
+    rec = codec.encode(ids, lp, res)
+    with pytest.raises(ValueError, match="expected records"):
+        codec.decode(rec[:, :-1])
+    upper_start = codec.record_bits - codec.upper_bits
+    bad = rec.clone()
+    bad[4, upper_start // 8 + 1] ^= 1  # one flipped bit in the Elias-Fano upper vector
+    with pytest.raises(ValueError, match="corrupt"):
+        codec.decode(bad)
+
+
+def test_codec_parameters_validated():
+    with pytest.raises(ValueError):
+        EliasFanoCodec(k=0, vocab_size=10, value_bits=6, name="ef6")
+    with pytest.raises(ValueError):
+        EliasFanoCodec(k=11, vocab_size=10, value_bits=6, name="ef6")
+    with pytest.raises(KeyError):
+        make_codec("zip", 4, 10)
+
+
+def _doc_decoder():
+    text = (ROOT / "docs" / "cache_codec.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "docs/cache_codec.md should hold exactly one python block"
+    scope: dict = {}
+    exec(compile(blocks[0], "docs/cache_codec.md", "exec"), scope)
+    return scope["decode_ef"]
+
+
+@pytest.mark.parametrize("name", EF)
+@pytest.mark.parametrize("V,k", [(49152, 26), (1000, 1000), (65537, 5), (128256, 1)])
+def test_documented_numpy_decoder_matches(name, V, k):
+    decode_ef = _doc_decoder()
+    codec = make_codec(name, k, V)
+    _, ids, lp, res = _rows(V, k)
+    rec = codec.encode(ids, lp, res)
+    n_ids, n_lp, n_res = decode_ef(rec.numpy(), codec.describe())
+    d_ids, d_lp, d_res = codec.decode(rec)
+    order = np.argsort(n_ids, axis=1)
+    t_order = torch.argsort(d_ids, dim=-1)
+    assert np.array_equal(np.take_along_axis(n_ids, order, 1), d_ids.gather(1, t_order).numpy())
+    assert np.allclose(np.take_along_axis(n_lp, order, 1), d_lp.gather(1, t_order).numpy(), atol=1e-5)
+    assert np.allclose(n_res, d_res.numpy(), atol=1e-6) or (k == V and np.isneginf(n_res).all())
+
+
+def test_fp16_layout_is_plain_little_endian():
+    codec = make_codec("fp16", 3, 70000)  # V > 65536: uint32 ids
+    ids = torch.tensor([[69999, 0, 12345]])
+    lp = torch.tensor([[-0.5, -1.5, -2.5]])
+    res = torch.log1p(-lp.exp().sum(-1))
+    rec = codec.encode(ids, lp, res).numpy()[0]
+    assert np.array_equal(rec[:12].view("<u4"), [69999, 0, 12345])
+    assert np.allclose(rec[12:18].view("<f2").astype(np.float32), lp.numpy()[0], atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ef_on_gpu_matches_cpu():
+    codec = make_codec("default", 26, 49152)
+    _, ids, lp, res = _rows(49152, 26)
+    cpu = codec.encode(ids, lp, res)
+    gpu = codec.encode(ids.cuda(), lp.cuda(), res.cuda())
+    # Identical except, rarely, one code off where exp/log round differently at a boundary.
+    assert (cpu != gpu.cpu()).any(-1).float().mean() < 0.05
+    g_ids, g_lp, g_res = codec.decode(gpu)
+    c_ids, c_lp, c_res = codec.decode(gpu.cpu())
+    assert torch.equal(g_ids.cpu(), c_ids) and torch.allclose(g_lp.cpu(), c_lp, atol=1e-5)
+
+
+def test_bench_runs_on_a_tiny_model(tiny_world, tmp_path):
+    spec = importlib.util.spec_from_file_location("codec_bench", ROOT / "bench" / "codec_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "table.md"
+    results = bench.main(["--model", str(tiny_world["ta"]), "--texts", "2", "--max-length", "24", "--repeats", "1",
+                          "--settings", "fp16:4", "default:4", "ef4:4", "dk-bf16:4", "--out", str(out)])
+    assert [r["setting"] for r in results] == ["fp16:4", "default:4 (ef6)", "ef4:4", "dk-bf16:4"]
+    fp16, ef6, ef4, dk = results
+    assert fp16["tvd_bucket"] < ef6["tvd_bucket"] < ef4["tvd_bucket"]
+    for r in results:
+        assert 0 <= r["tvd_bucket"] <= r["tvd"] + 1e-6 <= 1 and r["kl_fwd"] >= -1e-6 and r["kl_rev"] >= -1e-6
+        assert r["top1"] == 1.0 and 0 < r["mass"] < 1 and (r is dk or math.isfinite(r["decode_rows_s"]))
+    # exact top-k: TVD with the tail zero-filled is exactly the residual mass
+    assert abs(fp16["tvd_zero"] - (1 - fp16["mass"])) < 1e-3
+    assert "| default:4 (ef6) | 4 |" in out.read_text()
