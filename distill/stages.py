@@ -124,7 +124,7 @@ def evaluate(recipe: Recipe, harness: str | None = None, log=print) -> dict:
     if harness:
         names = [h.strip() for h in harness.split(",") if h.strip()]
         for e in entries:
-            scores.setdefault(e.name, {})["harness"] = run_harness(e, names, out / "harness" / e.name,
+            scores.setdefault(e.name, {})["harness"] = run_harness(e, names, out / "harness",
                                                                    limit=recipe.eval.limit,
                                                                    batch_size=recipe.eval.batch_size)
     from distill.report import write_report

