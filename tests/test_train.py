@@ -91,3 +91,25 @@ def test_lr_schedules(schedule):
     assert f(0) < f(3) <= 1.0 and f(4) == pytest.approx(1.0)
     end = f(20)
     assert end == pytest.approx({"cosine": 0.0, "linear": 0.0, "constant": 1.0}[schedule], abs=1e-9)
+
+
+def test_resume_continues_exactly(cached, tmp_path):
+    """Stop after 3 steps, resume to 6: same weights as 6 uninterrupted steps (constant schedule)."""
+    from safetensors.torch import load_file
+
+    common = ["train.schedule=constant", "train.lr=1e-2", "train.log_every_steps=1"]
+    recipe = cached(common + ["train.max_steps=6"])
+    run_train(recipe)
+    straight = load_file(Path(recipe.run_dir) / "student" / "model.safetensors")
+
+    second = load_recipe(tmp_path / "r.yaml", common + ["train.max_steps=3", f"run_dir={tmp_path / 'run2'}"])
+    run_capture(second)
+    first_half = run_train(second)
+    assert first_half.steps == 3
+    resumed = run_train(load_recipe(tmp_path / "r.yaml", common + ["train.max_steps=6",
+                                                                   f"run_dir={tmp_path / 'run2'}"]), resume=True)
+    assert resumed.steps == 6
+    again = load_file(Path(second.run_dir) / "student" / "model.safetensors")
+    assert straight.keys() == again.keys()
+    for k in straight:
+        assert torch.allclose(straight[k], again[k], atol=1e-6), k
