@@ -55,10 +55,7 @@ class CacheDataset(torch.utils.data.Dataset):
     def targets(self) -> np.ndarray:
         """Number of target tokens (teacher rows) per sample; cached after the first call."""
         if self.target_counts is None:
-            counts = []
-            for shard in self.reader._shards:
-                counts.append(np.diff(shard.row_offsets))
-            self.target_counts = np.concatenate(counts)
+            self.target_counts = self.reader.row_counts()
         return self.target_counts
 
 

@@ -70,7 +70,7 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
     state = _state()
     main = state is None or state.is_main_process
     log = print if main else (lambda *a, **k: None)
-    stages.prepare_run_dir(recipe, args.recipe, args.overrides, log=log if args.stage != "eval" else print)
+    stages.prepare_run_dir(recipe, args.recipe, args.overrides, log=log)
     if args.stage == "cache":
         stages.cache(recipe, state, log)
     elif args.stage == "train":

@@ -15,8 +15,11 @@ every rank computes locally from the deterministic batch plan.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +75,6 @@ def build_accelerator(recipe: Recipe):
     mp = recipe.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    import os
-
     # Multi-process on CPU needs gloo (DeepSpeed included); a plain single process needs no group.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
@@ -147,8 +148,6 @@ def _save_student(acc, wrapped, tok, out: Path) -> None:
     if acc.is_main_process:
         state = {k.removeprefix("student."): v for k, v in state.items()}
         if hasattr(model, "merge_and_unload"):
-            import copy
-
             adapter_dir = out.with_name(out.name + "_adapter")
             model.save_pretrained(adapter_dir)
             merged = copy.deepcopy(model).merge_and_unload()
@@ -157,9 +156,6 @@ def _save_student(acc, wrapped, tok, out: Path) -> None:
             tmp = out.with_name(out.name + ".tmp")
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tok.save_pretrained(tmp)
-            import os
-            import shutil
-
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     acc.wait_for_everyone()
@@ -210,7 +206,8 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
 
     step, micro, tokens_seen = 0, 0, 0
     if resume:
-        ckpt.clean_tmp(ckpt_root) if acc.is_main_process else None
+        if acc.is_main_process:
+            ckpt.clean_tmp(ckpt_root)
         last = ckpt.latest(ckpt_root)
         if last is None:
             raise DistillError(f"--resume: no complete checkpoint under {ckpt_root}")

@@ -199,8 +199,10 @@ class CacheReader:
             "records": np.stack([np.asarray(t[r0:r1]) for t in shard.teachers]),
         }
 
-    def lengths(self) -> list[int]:
-        out: list[int] = []
-        for shard in self._shards:
-            out.extend(np.diff(shard.sample_offsets).tolist())
-        return out
+    def lengths(self) -> np.ndarray:
+        """Tokens per sample, in sample order."""
+        return np.concatenate([np.diff(s.sample_offsets) for s in self._shards])
+
+    def row_counts(self) -> np.ndarray:
+        """Target tokens (teacher rows) per sample, in sample order."""
+        return np.concatenate([np.diff(s.row_offsets) for s in self._shards])
