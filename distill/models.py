@@ -41,8 +41,16 @@ def _check_ref(ref: str, what: str) -> str:
     return path if os.path.exists(path) else ref
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError)
+
+
 def _hub_error(ref: str, what: str, exc: Exception) -> DistillError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if os.path.exists(os.path.expanduser(ref)):
+        return DistillError(f"{what}: cannot load {ref!r} (unreadable or corrupt files: {first[:200]})")
     return DistillError(f"{what}: cannot load {ref!r} (not a local model folder, and the Hub said: {first[:200]})")
 
 
@@ -54,7 +62,7 @@ def load_tokenizer(ref: str, *, revision: str | None = None, gguf_file: str | No
     try:
         tok = AutoTokenizer.from_pretrained(src, revision=revision, gguf_file=gguf_file,
                                             trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except _load_errors() as exc:
         raise _hub_error(ref, what, exc) from None
     if tok.pad_token is None:
         # Padding is only ever masked out; EOS is the conventional stand-in.
@@ -86,7 +94,7 @@ def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None =
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as exc:
+    except _load_errors() as exc:
         raise _hub_error(ref, what, exc) from None
     if device is not None and quantization == "none":
         model.to(device)
@@ -105,7 +113,7 @@ def attach_adapter(model, adapter: str, *, name: str, what: str = "adapter"):
             model.load_adapter(src, adapter_name=name)
             return model
         return PeftModel.from_pretrained(model, src, adapter_name=name)
-    except (OSError, ValueError) as exc:
+    except _load_errors() as exc:
         raise _hub_error(adapter, what, exc) from None
 
 

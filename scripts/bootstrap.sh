@@ -16,7 +16,7 @@ want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -qq)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null && [ -z "${DISTILL_SKIP_TORCH:-}" ]; then
   echo "bootstrap: installing torch 2.13.0 (CPU build)"
   "${PIP[@]}" "torch==2.13.0"
