@@ -73,3 +73,31 @@ def test_two_process_capture_equals_one_process(tiny_world, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = digest(tmp_path / "one" / "cache"), digest(tmp_path / "two" / "cache")
     assert len(one) > 10 and one == two
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_match_ddp(tiny_world, tmp_path):
+    """The same 2-process run under DDP, ZeRO-2 and ZeRO-3 (gloo, CPU) gives the same student."""
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = tiny_recipe(tiny_world, tmp_path / "run",
+                         train={"max_steps": 6, "batch_size": 2, "lr": 1e-2, "schedule": "constant"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_capture(load_recipe(path))
+    students = {}
+    for name, extra in [("ddp", ["--multi_gpu"]),
+                        ("zero2", ["--config_file", "launch/zero2.yaml", "--mixed_precision", "no"]),
+                        ("zero3", ["--config_file", "launch/zero3.yaml", "--mixed_precision", "no"])]:
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        cmd = [ACCELERATE, "launch", *extra, "--num_processes", "2", "--main_process_port", "29617",
+               "-m", "distill", "train", str(path), f"run_dir={tmp_path / name}",
+               f"cache.dir={tmp_path / 'run' / 'cache'}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=600)
+        assert proc.returncode == 0, (name, proc.stderr[-4000:])
+        students[name] = load_file(tmp_path / name / "student" / "model.safetensors")
+    base = load_file(Path(tiny_world["base"]) / "model.safetensors")
+    for k, v in students["ddp"].items():
+        assert not torch.allclose(v, base[k]), k  # it trained
+        for name in ("zero2", "zero3"):
+            assert torch.allclose(v, students[name][k], atol=1e-6), (name, k)
