@@ -238,7 +238,6 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
             stopped_by = "budget"
             break
         t_step = time.time()
-        step_tokens = 0
         # Target tokens of this whole optimizer step, over micro-batches and ranks: the
         # same number on every rank, known before the step, so the loss is normalised once.
         norm = sum(int(targets_per_sample[plans.batch(m)].sum()) for m in range(micro, micro + t.grad_accum))
@@ -248,7 +247,6 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
             batch = B.collate([dataset[i] for i in local], tok.pad_token_id)
             out = _micro_step(acc, wrapped, batch, codec, teacher_w, teacher_dom, reader.domains, recipe, norm)
             micro += 1
-            step_tokens += out["n"]
             window["loss"] += out["loss_sum"]
             window["tokens"] += out["n"]
             window["div"] = out["div"] if window["div"] is None else window["div"] + out["div"]
@@ -259,7 +257,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += step_tokens
+        tokens_seen += norm  # global target tokens of the step (all ranks)
         budget.step_s.append(time.time() - t_step)
         bar.update(1)
         if step % t.log_every_steps == 0 or step == planned:
@@ -326,14 +324,20 @@ def _micro_step(acc, wrapped, batch: dict, codec, teacher_w, teacher_dom, domain
 
 
 def _log(acc, bar, window: dict, step: int, sched, recipe: Recipe, history: Path) -> float | None:
-    n = max(window["tokens"], 1)
+    """Sum the window over ranks (a collective: every rank calls it), then log on the main process."""
+    N = len(recipe.teachers)
+    zeros = torch.zeros(N)
+    local = torch.cat([torch.tensor([window["loss"], float(window["tokens"])]),
+                       zeros if window["div"] is None else window["div"],
+                       zeros if window["share"] is None else window["share"]]).to(acc.device)
+    total = acc.reduce(local, reduction="sum").cpu() if acc.num_processes > 1 else local.cpu()
+    n = max(float(total[1]), 1.0)
     elapsed = max(time.time() - window["t0"], 1e-9)
-    metrics = {"step": step, "loss": window["loss"] / n, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": window["tokens"] * acc.num_processes / elapsed}
-    if window["div"] is not None:
-        for i, tt in enumerate(recipe.teachers):
-            metrics[f"div/{tt.name}"] = float(window["div"][i]) / n
-            metrics[f"share/{tt.name}"] = float(window["share"][i]) / n
+    metrics = {"step": step, "loss": float(total[0]) / n, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": float(total[1]) / elapsed}
+    for i, tt in enumerate(recipe.teachers):
+        metrics[f"div/{tt.name}"] = float(total[2 + i]) / n
+        metrics[f"share/{tt.name}"] = float(total[2 + N + i]) / n
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     acc.log(metrics, step=step)
     if acc.is_main_process:
