@@ -51,7 +51,9 @@ sys.path.insert(0, str(ROOT))
 
 from distill.cache.codec import make_codec, normalize_sparse, sparse_from_logits  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+# Shipped with the repo: GSM8K's first rows under bench/data, BoolQ validation under eval/data.
+DATA = ROOT / "bench" / "data"
+BOOLQ = ROOT / "eval" / "data" / "boolq" / "val.jsonl"
 # codec:k. Exact floors (fp16), DistillKit references, then ef codecs at the largest k that fits
 # 64 / 72 / 114 / 128 / 198 / 236 / 396 bytes at V = 49,152.
 DEFAULT_SETTINGS = [
@@ -67,7 +69,9 @@ def workload_texts(data_dir: Path, n: int) -> list[str]:
             return [json.loads(next(f)) for _ in range(n)]
 
     gsm = [r["question"] + "\n" + r["answer"] for r in rows(data_dir / "gsm8k" / "train.jsonl")]
-    boolq = [r["passage"] + "\nQuestion: " + r["question"] + "?" for r in rows(data_dir / "boolq" / "val.jsonl")]
+    boolq_path = data_dir / "boolq" / "val.jsonl"
+    boolq = [r["passage"] + "\nQuestion: " + r["question"] + "?"
+             for r in rows(boolq_path if boolq_path.exists() else BOOLQ)]
     return gsm + boolq
 
 
@@ -209,7 +213,7 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="HF folder (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--data", type=Path, default=DATA, help="folder holding gsm8k/ and boolq/")
+    ap.add_argument("--data", type=Path, default=DATA, help="folder holding gsm8k/train.jsonl (and optionally boolq/val.jsonl)")
     ap.add_argument("--texts", type=int, default=24, help="rows per data set (the fixed workload: 24)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="codec:k pairs")
