@@ -90,24 +90,6 @@ def collate(items: list[dict], pad_id: int) -> dict:
     }
 
 
-class _BatchList(torch.utils.data.Sampler):
-    def __init__(self, batches: list[list[int]]):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def loader(dataset: CacheDataset, batches: list[list[int]], pad_id: int, workers: int = 0,
-           pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_sampler=_BatchList(batches), num_workers=workers,
-                                       pin_memory=pin_memory, collate_fn=lambda it: collate(it, pad_id),
-                                       persistent_workers=False)
-
-
 class PlanCache:
     """Epoch plans computed once each; `batch(m)` is global micro-batch m across epochs."""
 
