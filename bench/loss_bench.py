@@ -1,7 +1,7 @@
 """Peak memory and time of loss forward+backward: chunked distill_loss vs the dense reference (and Liger).
 
     python bench/loss_bench.py --quick        # the DESIGN.md shape: B*T=4096, V=49152, H=576, 1 and 3 teachers
-    python bench/loss_bench.py                # the full grid: B*T {1024,4096} x V {49152,128256} x H {576,2048} x N {1,3}
+    python bench/loss_bench.py                # full grid: B*T {1024,4096} x V {49152,128256} x H {576,2048} x N {1,3}
     python bench/loss_bench.py --bt 1024 --vocab 49152 --hidden 576 --teachers 1 --impl chunked dense
 
 Every (implementation, shape) runs in a fresh subprocess, fp32 on CPU, k = 32
@@ -14,8 +14,10 @@ Peak = VmHWM - VmRSS before the run: the extra resident memory the loss needed,
 gradients of hidden and head weight included, inputs excluded. glibc is told to
 hand every allocation >= 64 KiB straight to mmap (MALLOC_MMAP_THRESHOLD_), so
 freed tensors return to the OS and nothing is served from a cache that a
-previous pass filled. Time: wall clock of that pass and of `--repeats - 1`
-more; the minimum is reported (the machine may be shared).
+previous pass filled. Time: wall clock of that pass. With `--repeats R` each
+implementation runs R times, interleaved (dense, chunked, liger, dense, ...),
+each in a fresh process; the fastest pass and the largest peak are reported, so
+a change in the load of a shared machine hits every implementation alike.
 
 "dense" is tests/loss_reference.py: plain autograd over full [M, V] logits.
 "floor" is the size of one fp32 [M, V] tensor, the least any dense path holds.
@@ -57,7 +59,7 @@ def _inputs(torch, m, vocab, hidden, teachers, k, seed=0):
 
 
 def _step_fn(torch, impl, m, vocab, hidden, teachers, k, chunk, divergence):
-    """Build inputs for one case; return a function running forward+backward once."""
+    """Build inputs for one case; return a function running forward+backward."""
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from distill.config import LossConfig
 
@@ -70,11 +72,11 @@ def _step_fn(torch, impl, m, vocab, hidden, teachers, k, chunk, divergence):
         from distill.loss import TeacherSignal, distill_loss
 
         sig = TeacherSignal(ids, logprobs, log_res)
-        return lambda: distill_loss(h, w, None, sig, targets, tw, cfg).loss_sum.backward(), (h, w)
+        return lambda: distill_loss(h, w, None, sig, targets, tw, cfg).loss_sum.backward()
     if impl == "dense":
         from loss_reference import dense_loss
 
-        return lambda: dense_loss(h, w, None, ids, logprobs, log_res, targets, tw, cfg)[0].backward(), (h, w)
+        return lambda: dense_loss(h, w, None, ids, logprobs, log_res, targets, tw, cfg)[0].backward()
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     if teachers != 1:
@@ -84,7 +86,7 @@ def _step_fn(torch, impl, m, vocab, hidden, teachers, k, chunk, divergence):
     tw_head = w.detach().clone()
     loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5,
                                       compiled=False, chunk_size=chunk)
-    return lambda: loss_fn(h, w, th, tw_head, targets).backward(), (h, w)
+    return lambda: loss_fn(h, w, th, tw_head, targets).backward()
 
 
 def run_case(args) -> dict:
@@ -94,28 +96,21 @@ def run_case(args) -> dict:
     torch.manual_seed(0)
     case = dict(m=args.case_m, vocab=args.case_v, hidden=args.case_h, teachers=args.case_n, k=args.k,
                 chunk=args.chunk_size, divergence=args.divergence)
-    warm, _ = _step_fn(torch, args.case_impl, **{**case, "m": min(case["m"], 128)})
+    warm = _step_fn(torch, args.case_impl, **{**case, "m": min(case["m"], 128)})
     warm()
     del warm
-    step, leaves = _step_fn(torch, args.case_impl, **case)
+    step = _step_fn(torch, args.case_impl, **case)
     rss0 = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
     step()
-    times = [time.perf_counter() - t0]
-    peak = _status_kib("VmHWM") - rss0
-    for _ in range(args.repeats - 1):
-        for leaf in leaves:
-            leaf.grad = None
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"peak_mib": peak / 1024, "time_s": min(times), "times": times}
+    seconds = time.perf_counter() - t0
+    return {"peak_mib": (_status_kib("VmHWM") - rss0) / 1024, "time_s": seconds, "times": [seconds]}
 
 
 def _spawn(impl, m, vocab, hidden, teachers, args) -> dict:
     cmd = [sys.executable, __file__, "--_case", impl, str(m), str(vocab), str(hidden), str(teachers),
-           "--k", str(args.k), "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats),
+           "--k", str(args.k), "--chunk-size", str(args.chunk_size),
            "--divergence", args.divergence]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     try:
@@ -146,7 +141,7 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=None, help="default: LossConfig().chunk_size")
     p.add_argument("--divergence", default="jsd")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved passes per implementation")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
     p.add_argument("--mem-budget-mib", type=float, default=12000, help="skip dense cases estimated above this")
     p.add_argument("--json", type=Path, help="also write the raw results here")
@@ -178,8 +173,20 @@ def main(argv=None):
                 res[impl] = {"error": "n/a (one dense teacher)"}
             elif not _fits(m, vocab, impl, n, args.mem_budget_mib):
                 res[impl] = {"error": "skipped (memory budget)"}
-            else:
-                res[impl] = _spawn(impl, m, vocab, hidden, n, args)
+        # Interleave the implementations, one fresh process per pass, so that a change in the
+        # machine's load hits them alike; keep the fastest pass and the largest peak.
+        for _ in range(args.repeats):
+            for impl in args.impl:
+                if impl in res and "error" in res[impl]:
+                    continue
+                one = _spawn(impl, m, vocab, hidden, n, args)
+                if "error" in one:
+                    res[impl] = one
+                    continue
+                prev = res.setdefault(impl, {"peak_mib": 0.0, "time_s": float("inf"), "times": []})
+                prev["peak_mib"] = max(prev["peak_mib"], one["peak_mib"])
+                prev["time_s"] = min(prev["time_s"], one["time_s"])
+                prev["times"] += one["times"]
         rows.append({"bt": m, "vocab": vocab, "hidden": hidden, "teachers": n, **res})
         print(_row(m, vocab, hidden, n, res), flush=True)
     if args.json:

@@ -27,7 +27,7 @@ def _run_both(case, cfg, token_weights):
     """Chunked and dense results with gradients for hidden, weight and bias."""
     results = []
     for fn in ("chunked", "dense"):
-        leaves = {k: case[k].clone().requires_grad_(True) for k in ("hidden", "weight") }
+        leaves = {k: case[k].clone().requires_grad_(True) for k in ("hidden", "weight")}
         leaves["bias"] = None if case["bias"] is None else case["bias"].clone().requires_grad_(True)
         if fn == "chunked":
             out = distill_loss(leaves["hidden"], leaves["weight"], leaves["bias"],
