@@ -100,7 +100,9 @@ class PlanCache:
 
     def get(self, epoch: int) -> Plan:
         if epoch not in self._plans:
-            self._plans = {epoch: epoch_plan(*self.args, epoch)}  # keep one epoch in memory
+            # Keep this epoch and the one before: an optimizer step may straddle the boundary.
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = epoch_plan(*self.args, epoch)
         return self._plans[epoch]
 
     def batch(self, m: int) -> list[int]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from distill import batches as B
 from distill import checkpoint as ckpt
@@ -193,11 +194,10 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-    plan0 = B.epoch_plan(len(dataset), t.batch_size, acc.num_processes, recipe.seed, 0)
-    if not plan0.global_batches:
+    micro_per_epoch = len(dataset) // (t.batch_size * acc.num_processes)  # full global batches per epoch
+    if micro_per_epoch == 0:
         raise DistillError(f"train.batch_size: {t.batch_size} x {acc.num_processes} processes is more than the "
                            f"{len(dataset)} cached samples")
-    micro_per_epoch = len(plan0.global_batches)
     plans = B.PlanCache(len(dataset), t.batch_size, acc.num_processes, recipe.seed, micro_per_epoch)
     planned = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, planned))
@@ -228,8 +228,6 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     teacher_w = [tt.weight for tt in recipe.teachers]
     teacher_dom = [tt.domains for tt in recipe.teachers]
     history = run_dir / "train_log.jsonl"
-    from tqdm import tqdm
-
     bar = tqdm(total=planned, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
     stopped_by, last_loss = "done", None
     window = {"loss": 0.0, "tokens": 0, "div": None, "share": None, "t0": time.time()}
