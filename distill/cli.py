@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 import time
 
+from distill.distributed import partial_state
 from distill.errors import DistillError
 
 STAGES = ("validate", "cache", "train", "eval", "publish", "run")
@@ -43,18 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _state():
-    """accelerate's PartialState when launched by `accelerate launch` (or any torchrun), else None."""
-    if "LOCAL_RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    # Without CUDA, ranks are CPU processes talking over gloo (accelerate needs cpu=True to see that).
-    kwargs = {} if torch.cuda.is_available() else {"cpu": True, "backend": "gloo"}
-    return PartialState(**kwargs)
-
-
 def dispatch(args: argparse.Namespace, start: float) -> int:
     from distill import stages
 
@@ -67,7 +55,7 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
     if args.stage == "validate":
         stages.show(recipe, args.recipe, args.overrides)
         return 0
-    state = _state()
+    state = partial_state()
     main = state is None or state.is_main_process
     log = print if main else (lambda *a, **k: None)
     stages.prepare_run_dir(recipe, args.recipe, args.overrides, log=log)

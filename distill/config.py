@@ -59,6 +59,22 @@ class StudentConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Prompt-only data: a teacher writes each response before capture (see README, Calibration data).
+
+    Responses are generated once, stored in the cache directory (`generated/`), and then scored
+    by every teacher like any other response; the target mask covers the generated tokens.
+    """
+
+    teacher: Optional[str] = None  # teacher name; default: the sample's routed teacher (see generating_teacher)
+    max_new_tokens: int = 256  # a response stops at EOS or after this many tokens (or at data.max_length)
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0  # sampling only
+    top_p: float = 1.0  # sampling only: keep the smallest set of tokens with this much probability
+    seed: int = 0  # sampling only: each row draws from its own generator seeded by (seed, source, row)
+
+
+@dataclass
 class SourceConfig:
     path: str  # local json/jsonl/parquet/csv file, or a Hub dataset id
     split: str = "train"
@@ -73,6 +89,7 @@ class SourceConfig:
     domain_field: Optional[str] = None  # or: read the tag from this field
     num_samples: Optional[int] = None  # take the first N rows (after shuffling when `shuffle`)
     shuffle: bool = False
+    generate: Optional[GenerateConfig] = None  # prompt-only source: a teacher writes the responses
 
 
 @dataclass
@@ -86,7 +103,9 @@ class DataConfig:
 @dataclass
 class CacheConfig:
     dir: str = "{run_dir}/cache"
-    top_k: int = 26  # teacher tokens kept per position (26 x default codec = 64 B/token at V=49,152)
+    # Most teacher tokens kept per position; null = the codec's own (default: 48, hifi: 128). The
+    # default codec fills a fixed 64 B/token record with as many top tokens as fit, up to top_k.
+    top_k: Optional[int] = None
     codec: str = "default"  # see distill/cache/codec.py
     shard_tokens: int = 1 << 20  # target tokens per shard
     batch_size: int = 8  # samples per teacher forward pass
@@ -122,6 +141,12 @@ class TrainConfig:
     keep_last: int = 2
     log_every_steps: int = 10
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Loader processes reading and collating the cache per rank; null = auto (2 with CUDA, 0 on CPU,
+    # where workers would take cores from the model). Pinned memory is used with CUDA.
+    num_workers: Optional[int] = None
+    # Batch samples of similar length (less padding); order stays a pure function of (seed, epoch).
+    group_by_length: bool = True
+    group_batches: int = 50  # length grouping sorts windows of this many global batches
 
 
 @dataclass
@@ -321,15 +346,20 @@ def validate(r: Recipe) -> None:
                  f"must be > 0, got {s.num_samples}")
         _require(not (s.domain and s.domain_field), f"{key}.domain",
                  "set either domain or domain_field, not both")
+        if s.generate is not None:
+            _validate_generate(r, s, key, names)
     _require(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
 
     c = r.cache
+    from distill.cache.codec import CODECS, DEFAULT_TOP_K  # local import: codec imports torch
+
+    _require(c.codec in CODECS, "cache.codec", f"unknown codec {c.codec!r} (known: {', '.join(sorted(CODECS))})")
+    if c.top_k is None:  # resolved here, so the saved recipe shows the value used
+        _require(c.codec in DEFAULT_TOP_K, "cache.top_k", f"required with codec {c.codec!r}")
+        c.top_k = DEFAULT_TOP_K[c.codec]
     _require(c.top_k > 0, "cache.top_k", f"must be > 0, got {c.top_k}")
     _require(c.shard_tokens > 0, "cache.shard_tokens", f"must be > 0, got {c.shard_tokens}")
     _require(c.batch_size > 0, "cache.batch_size", f"must be > 0, got {c.batch_size}")
-    from distill.cache.codec import CODECS  # local import: codec imports torch
-
-    _require(c.codec in CODECS, "cache.codec", f"unknown codec {c.codec!r} (known: {', '.join(sorted(CODECS))})")
 
     lo = r.loss
     _require(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
@@ -365,6 +395,8 @@ def validate(r: Recipe) -> None:
     _require(t.save_every_steps is None or t.save_every_steps > 0, "train.save_every_steps", "must be > 0")
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+    _require(t.num_workers is None or t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
+    _require(t.group_batches >= 1, "train.group_batches", f"must be >= 1, got {t.group_batches}")
 
     e = r.eval
     _require(e.limit is None or e.limit > 0, "eval.limit", f"must be > 0, got {e.limit}")
@@ -392,6 +424,38 @@ def validate(r: Recipe) -> None:
             _require(getattr(s, k) > 0, f"synthetic.{k}", f"must be > 0, got {getattr(s, k)}")
         _require(s.hidden_size % s.heads == 0, "synthetic.heads", "must divide synthetic.hidden_size")
         _require(s.lr > 0, "synthetic.lr", "must be > 0")
+
+
+def generating_teacher(gen: GenerateConfig, domain: Optional[str], teachers: list[TeacherConfig]) -> Optional[str]:
+    """Who writes a prompt-only sample's response: `generate.teacher` when set, else the first
+    teacher (recipe order) whose `domains` include the sample's tag, else the first teacher with
+    no `domains` (it serves every domain). None when no teacher qualifies."""
+    if gen.teacher is not None:
+        return gen.teacher
+    if domain is not None:
+        for t in teachers:
+            if domain in t.domains:
+                return t.name
+    return next((t.name for t in teachers if not t.domains), None)
+
+
+def _validate_generate(r: Recipe, s: SourceConfig, key: str, names: set[str]) -> None:
+    g, gkey = s.generate, f"{key}.generate"
+    _require(s.format in ("prompt_response", "chat"), gkey,
+             f"needs format prompt_response or chat (a prompt to continue), got format {s.format!r}")
+    _require(g.teacher is None or g.teacher in names, f"{gkey}.teacher",
+             f"unknown teacher {g.teacher!r} (teachers: {', '.join(sorted(names))})")
+    _require(g.max_new_tokens > 0, f"{gkey}.max_new_tokens", f"must be > 0, got {g.max_new_tokens}")
+    _require(g.temperature > 0, f"{gkey}.temperature", f"must be > 0, got {g.temperature}")
+    _require(0 < g.top_p <= 1, f"{gkey}.top_p", f"must be in (0, 1], got {g.top_p}")
+    if not g.do_sample:
+        for k in ("temperature", "top_p"):
+            _require(getattr(g, k) == 1.0, f"{gkey}.{k}", "only applies when generate.do_sample is true")
+    if g.teacher is None and s.domain_field is None:  # a per-row tag is checked when the data is read
+        tag = f"domain {s.domain!r}" if s.domain is not None else "untagged samples"
+        _require(generating_teacher(g, s.domain, r.teachers) is not None, f"{gkey}.teacher",
+                 f"no teacher is routed for {tag} (no teacher lists it in domains, and none has empty "
+                 "domains); name one here")
 
 
 def looks_local(ref: str) -> bool:

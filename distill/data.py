@@ -8,6 +8,12 @@ rendered in one of three formats:
 - `chat`: a list of `{role, content}` messages; targets are the assistant turns.
 - `text`: plain text; every token after the first is a target.
 
+A source with a `generate:` block is prompt-only: its rows give the prompt (the
+`prompt_field`, or the `chat` messages so far) and a teacher writes the response
+before capture (distill/cache/generate.py). `load_samples` takes that step as a
+callable, so this module never touches a model; the generated tokens are appended
+to the prompt tokens as they are (never decoded and re-encoded) and are the targets.
+
 A sample is `Sample(input_ids, target_mask, domain)` where `target_mask[i]` says
 token i is predicted by the loss (from position i-1). Tokenization is
 deterministic, so every process and every rerun sees the same token stream.
@@ -19,8 +25,9 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from distill.config import DataConfig, SourceConfig
+from distill.config import DataConfig, GenerateConfig, SourceConfig, TeacherConfig, generating_teacher
 from distill.errors import DistillError
 
 _LOCAL_EXT = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -34,14 +41,37 @@ class Sample:
 
 
 @dataclass
+class Prompt:
+    """A prompt-only row whose response a teacher will generate."""
+
+    source: int  # index in data.sources
+    row: int  # row index in the source (after shuffle and num_samples)
+    input_ids: list[int]
+    domain: str | None
+    teacher: str  # the generating teacher
+    max_new_tokens: int  # min(generate.max_new_tokens, room left under data.max_length), >= 1
+    gen: GenerateConfig
+
+
+@dataclass
+class Generated:
+    ids: list[int]  # the response tokens, ending with the stop token when `eos`
+    eos: bool  # stopped at EOS (else it ran out of tokens)
+
+
+@dataclass
 class DataStats:
     rows: dict[str, int] = field(default_factory=dict)  # rows read per source
     truncated: int = 0  # samples cut at max_length
     dropped: int = 0  # samples with no target token left (prompt filled max_length)
+    generated: int = 0  # responses written by a teacher (prompt-only sources)
+    hit_max_new_tokens: int = 0  # generated responses that ran to generate.max_new_tokens without EOS
 
     def summary(self) -> str:
         per = ", ".join(f"{k}: {v}" for k, v in self.rows.items())
-        return f"{sum(self.rows.values())} rows ({per}); {self.truncated} truncated, {self.dropped} dropped"
+        gen = (f"; {self.generated} responses generated, {self.hit_max_new_tokens} hit max_new_tokens"
+               if self.generated else "")
+        return f"{sum(self.rows.values())} rows ({per}); {self.truncated} truncated, {self.dropped} dropped{gen}"
 
 
 def _read_local(path: Path, src: SourceConfig, key: str) -> list[dict]:
@@ -152,29 +182,111 @@ def render(tok, row: dict, src: SourceConfig, i: int, key: str) -> tuple[list[in
     return p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
 
 
-def load_samples(tok, cfg: DataConfig) -> tuple[list[Sample], DataStats]:
-    """All sources, in recipe order, rendered and tokenized."""
-    samples: list[Sample] = []
+def render_prompt(tok, row: dict, src: SourceConfig, i: int, key: str) -> list[int]:
+    """The prompt tokens of a prompt-only row, ready for a teacher to continue."""
+    if src.format == "chat":
+        messages = _field(row, src.messages_field, f"{key}.messages_field", i, src.path)
+        if (not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict)
+                or messages[-1].get("role") == "assistant"):
+            raise DistillError(f"{src.path}: row {i} field {src.messages_field!r} must be a non-empty list of "
+                               "messages not ending with an assistant turn (generate writes that turn)")
+        if tok.chat_template is None:
+            raise DistillError(f"{key}.format: 'chat' needs a tokenizer with a chat template")
+        return list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+    prompt = str(_field(row, src.prompt_field, f"{key}.prompt_field", i, src.path))
+    if src.chat_template:
+        if tok.chat_template is None:
+            raise DistillError(f"{key}.chat_template: the tokenizer has no chat template")
+        return list(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                            add_generation_prompt=True, return_dict=False))
+    ids = _encode(tok, prompt, True)
+    if not ids:
+        raise DistillError(f"{src.path}: row {i} has an empty prompt and the tokenizer adds no BOS; "
+                           "a teacher cannot continue nothing")
+    return ids
+
+
+def _finish(ids: list[int], mask: list[bool], domain: str | None, cfg: DataConfig,
+            stats: DataStats) -> Sample | None:
+    """Apply data.mask and max_length; None (counted as dropped) when no target is left."""
+    if cfg.mask == "all":
+        mask = [False] + [True] * (len(ids) - 1)
+    if len(ids) > cfg.max_length:
+        ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+        stats.truncated += 1
+    if not any(mask[1:]):
+        stats.dropped += 1
+        return None
+    mask[0] = False  # position 0 is never predicted
+    return Sample(ids, mask, domain)
+
+
+def read_items(tok, cfg: DataConfig, teachers: list[TeacherConfig]) -> tuple[list[Sample | Prompt], DataStats]:
+    """All sources in recipe order: finished samples, and prompts still waiting for a response."""
+    items: list[Sample | Prompt] = []
     stats = DataStats()
     for s_i, src in enumerate(cfg.sources):
         key = f"data.sources[{s_i}]"
         rows = read_rows(src, key, cfg.seed + s_i)
         stats.rows[Path(src.path).name or src.path] = len(rows)
         for i, row in enumerate(rows):
-            ids, mask = render(tok, row, src, i, key)
-            if cfg.mask == "all":
-                mask = [False] + [True] * (len(ids) - 1)
-            if len(ids) > cfg.max_length:
-                ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
-                stats.truncated += 1
-            if not any(mask[1:]):
-                stats.dropped += 1
-                continue
-            mask[0] = False  # position 0 is never predicted
             domain = src.domain
             if src.domain_field is not None:
                 domain = str(_field(row, src.domain_field, f"{key}.domain_field", i, src.path))
-            samples.append(Sample(ids, mask, domain))
+            if src.generate is None:
+                item = _finish(*render(tok, row, src, i, key), domain, cfg, stats)
+            else:
+                item = _prompt(tok, row, s_i, i, domain, cfg, teachers, stats)
+            if item is not None:
+                items.append(item)
+    return items, stats
+
+
+def _prompt(tok, row, s_i: int, i: int, domain: str | None, cfg: DataConfig,
+            teachers: list[TeacherConfig], stats: DataStats) -> Sample | Prompt | None:
+    src, key = cfg.sources[s_i], f"data.sources[{s_i}]"
+    ids = render_prompt(tok, row, src, i, key)
+    room = cfg.max_length - len(ids)
+    if room <= 0:  # the prompt fills max_length: nothing to generate
+        return _finish(ids, [False] * len(ids), domain, cfg, stats)
+    teacher = generating_teacher(src.generate, domain, teachers)
+    if teacher is None:
+        raise DistillError(f"{key}.generate.teacher: row {i} has domain {domain!r}, which no teacher lists in "
+                           "its domains (and no teacher has empty domains); name a teacher here")
+    return Prompt(s_i, i, ids, domain, teacher, min(src.generate.max_new_tokens, room), src.generate)
+
+
+def complete(items: list[Sample | Prompt], responses: list[Generated], cfg: DataConfig,
+             stats: DataStats) -> list[Sample]:
+    """Prompts + their generated responses (in prompt order) -> samples; the response is the target."""
+    out: list[Sample] = []
+    it = iter(responses)
+    for item in items:
+        if isinstance(item, Prompt):
+            gen = next(it)
+            stats.generated += 1
+            if not gen.eos and item.max_new_tokens == item.gen.max_new_tokens:
+                stats.hit_max_new_tokens += 1
+            elif not gen.eos:
+                stats.truncated += 1  # stopped by data.max_length, not by max_new_tokens
+            item = _finish(item.input_ids + gen.ids, [False] * len(item.input_ids) + [True] * len(gen.ids),
+                           item.domain, cfg, stats)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def load_samples(tok, cfg: DataConfig, teachers: list[TeacherConfig] = (),
+                 generate: Callable[[list[Prompt]], list[Generated]] | None = None) -> tuple[list[Sample], DataStats]:
+    """All sources, in recipe order, rendered and tokenized; prompt-only rows answered by `generate`."""
+    items, stats = read_items(tok, cfg, list(teachers))
+    prompts = [x for x in items if isinstance(x, Prompt)]
+    if prompts and generate is None:
+        raise ValueError("prompt-only sources need a generate callable")  # a bug in the caller
+    responses = generate(prompts) if prompts else []
+    if len(responses) != len(prompts):
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")  # a bug in the caller
+    samples = complete(items, responses, cfg, stats)
     if not samples:
         raise DistillError("data.sources: no usable samples (every row was empty or had no response tokens "
                            "within data.max_length)")

@@ -41,7 +41,7 @@ def model_card(recipe: Recipe) -> str:
         "## Teachers", "", teachers, "",
         "## Training", "",
         f"Loss: {lo.divergence}, temperature {lo.temperature}, teacher weighting `{lo.weighting}`, "
-        f"CE mix {lo.ce_weight}; top-{recipe.cache.top_k} teacher tokens per position ({recipe.cache.codec} codec).",
+        f"CE mix {lo.ce_weight}; up to {recipe.cache.top_k} teacher tokens per position ({recipe.cache.codec} codec).",
     ]
     result = run / "train_result.json"
     if result.exists():

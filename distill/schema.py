@@ -50,6 +50,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(arg, value, key)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) == 1 and errors[0].key != key:
+            raise errors[0]  # Optional[dataclass]: name the bad key inside it, not the whole mapping
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):

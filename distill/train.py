@@ -31,6 +31,7 @@ from distill import batches as B
 from distill import checkpoint as ckpt
 from distill.cache.codec import make_codec
 from distill.cache.store import CacheReader
+from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
 from distill.errors import DistillError
 from distill.loss import TeacherSignal, distill_loss, example_weights
@@ -44,6 +45,7 @@ class StudentWithLoss(torch.nn.Module):
         super().__init__()
         self.student = student
         self.loss_cfg = loss_cfg
+        self.config = student.config  # DeepSpeed's "auto" bucket sizes are read from model.config.hidden_size
 
     def forward(self, input_ids, attention_mask, select, targets, signal: TeacherSignal, token_weights):
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
@@ -56,6 +58,18 @@ class StudentWithLoss(torch.nn.Module):
         return {"loss_sum": res.loss_sum, "n_tokens": res.n_tokens, "div": res.teacher_div_sums,
                 "share": res.teacher_weight_sums, "ce": res.ce_sum}
 
+    def register_head_with_zero3(self) -> None:
+        """ZeRO-3 gathers a parameter only inside its owning module's forward, but the chunked
+        loss reads the LM head's weight (and bias) directly. Registering them as external
+        parameters of this wrapper makes DeepSpeed gather them for the wrapper's forward and
+        backward, and partition them again afterwards (works for tied embeddings and LoRA too)."""
+        import deepspeed
+
+        head = self.student.get_output_embeddings()
+        for p in (head.weight, getattr(head, "bias", None)):
+            if isinstance(p, torch.nn.Parameter):
+                deepspeed.zero.register_external_parameter(self, p)
+
 
 @dataclass
 class TrainResult:
@@ -67,6 +81,8 @@ class TrainResult:
     final_loss: float | None
     student_dir: str
     checkpoint: str | None
+    padding_fraction: float | None = None  # padded / all tokens of the first epoch's micro-batches
+    padding_fraction_ungrouped: float | None = None  # the same without length grouping
 
 
 def build_accelerator(recipe: Recipe):
@@ -77,9 +93,8 @@ def build_accelerator(recipe: Recipe):
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # Multi-process on CPU needs gloo (DeepSpeed included); a plain single process needs no group.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if gloo_needed() else []
+    acc = Accelerator(cpu=accelerate_cpu(),
                       gradient_accumulation_steps=recipe.train.grad_accum, mixed_precision=mp,
                       log_with="wandb" if recipe.wandb.enabled else None, kwargs_handlers=handlers,
                       project_config=ProjectConfiguration(project_dir=recipe.run_dir))
@@ -89,6 +104,21 @@ def build_accelerator(recipe: Recipe):
         if ds.deepspeed_config.get("gradient_clipping") == "auto":
             ds.deepspeed_config["gradient_clipping"] = recipe.train.max_grad_norm
     return acc
+
+
+def zero_stage(acc) -> int:
+    """The DeepSpeed ZeRO stage of this run, 0 without DeepSpeed."""
+    ds = acc.state.deepspeed_plugin
+    return 0 if ds is None else int(ds.zero_stage)
+
+
+def setup_line(acc) -> str:
+    """e.g. 'DeepSpeed ZeRO-3, 2 processes on cpu, mixed precision no'."""
+    stage = zero_stage(acc)
+    how = f"DeepSpeed ZeRO-{stage}" if acc.state.deepspeed_plugin is not None else (
+        "DDP" if acc.num_processes > 1 else "single process")
+    return f"{how}, {acc.num_processes} process{'es' if acc.num_processes > 1 else ''} on {acc.device.type}, " \
+           f"mixed precision {acc.mixed_precision}"
 
 
 def check_cache(reader: CacheReader, recipe: Recipe, tok) -> None:
@@ -112,6 +142,10 @@ def build_student(recipe: Recipe, device):
 
         model = get_peft_model(model, LoraConfig(r=s.lora.r, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
                                                  target_modules=s.lora.target_modules, task_type="CAUSAL_LM"))
+        if hasattr(model.get_output_embeddings(), "lora_A"):
+            # The chunked loss multiplies by the head's weight itself, so an adapter there would be ignored.
+            raise DistillError(f"student.lora.target_modules: {s.lora.target_modules} puts an adapter on the "
+                               "output head; leave the head out (the chunked loss reads the head weight directly)")
     return model
 
 
@@ -177,6 +211,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     acc = build_accelerator(recipe)
     torch.manual_seed(recipe.seed)
     run_dir = Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = run_dir / "checkpoints"
 
     reader = CacheReader(recipe.cache.dir)
@@ -188,9 +223,12 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
                        reader.manifest["codec"]["vocab_size"])
     dataset = B.CacheDataset(reader)
     targets_per_sample = dataset.targets()
+    lengths = reader.lengths()
 
     student = build_student(recipe, acc.device)
     wrapped = StudentWithLoss(student, recipe.loss)
+    if zero_stage(acc) == 3:
+        wrapped.register_head_with_zero3()
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
@@ -198,10 +236,14 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     if micro_per_epoch == 0:
         raise DistillError(f"train.batch_size: {t.batch_size} x {acc.num_processes} processes is more than the "
                            f"{len(dataset)} cached samples")
-    plans = B.PlanCache(len(dataset), t.batch_size, acc.num_processes, recipe.seed, micro_per_epoch)
+    plan_args = (len(dataset), t.batch_size, acc.num_processes, recipe.seed)
+    grouping = {"lengths": lengths if t.group_by_length else None, "group_batches": t.group_batches}
+    plans = B.PlanCache(*plan_args, micro_per_epoch, **grouping)
+    padding = (B.padding_fraction(plans.get(0), lengths), B.padding_fraction(B.epoch_plan(*plan_args, 0), lengths))
     planned = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, planned))
     wrapped, opt = acc.prepare(wrapped, opt)
+    log(f"train: {setup_line(acc)}")
     acc.register_for_checkpointing(sched)
 
     step, micro, tokens_seen = 0, 0, 0
@@ -216,6 +258,19 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
         st = ckpt.read_state(last)
         step, micro, tokens_seen = st["step"], st["micro"], st["tokens"]
         log(f"resumed from {last} at step {step}")
+
+    # The loader walks the same plan from the resume position, with its own PlanCache (it runs
+    # ahead of the loop by the prefetch depth); `plans` above serves the loss normaliser.
+    cuda = acc.device.type == "cuda"
+    workers = t.num_workers if t.num_workers is not None else (2 if cuda else 0)
+    sampler = B.MicroBatchSampler(B.PlanCache(*plan_args, micro_per_epoch, **grouping), acc.process_index,
+                                  start=micro, stop=planned * t.grad_accum)
+    # On CUDA the compact records go to the device and are decoded there; on CPU workers decode them.
+    loader = B.make_loader(dataset, sampler, tok.pad_token_id, workers=workers, pin_memory=cuda,
+                           codec=None if cuda or workers == 0 else codec)
+    micro_batches = iter(loader)
+    log(f"batches: {workers} loader workers per process; padding {padding[0]:.1%} of tokens "
+        f"({padding[1]:.1%} without length grouping)")
 
     if recipe.wandb.enabled:
         init = {"mode": recipe.wandb.mode, "dir": str(run_dir), "name": recipe.wandb.run_name or recipe.name}
@@ -240,9 +295,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
         # same number on every rank, known before the step, so the loss is normalised once.
         norm = sum(int(targets_per_sample[plans.batch(m)].sum()) for m in range(micro, micro + t.grad_accum))
         for _ in range(t.grad_accum):
-            epoch, pos = divmod(micro, micro_per_epoch)
-            local = plans.get(epoch).local(pos, acc.process_index)
-            batch = B.collate([dataset[i] for i in local], tok.pad_token_id)
+            batch = next(micro_batches)
             out = _micro_step(acc, wrapped, batch, codec, teacher_w, teacher_dom, reader.domains, recipe, norm)
             micro += 1
             window["loss"] += out["loss_sum"]
@@ -265,6 +318,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
             _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen}, t.keep_last)
             budget.save_s = max(budget.save_s, 2 * (time.time() - t0))
     bar.close()
+    del micro_batches  # stops the loader workers before the saves
     if window["tokens"]:
         last_loss = _log(acc, bar, window, step, sched, recipe, history)
     final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
@@ -272,7 +326,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     _save_student(acc, wrapped, tok, run_dir / "student")
     wall = time.time() - start
     result = TrainResult(step, planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
-                         str(final_ckpt))
+                         str(final_ckpt), *padding)
     if acc.is_main_process:
         (run_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=1) + "\n")
         log(f"train: {step}/{planned} steps ({'stopped by the time budget' if stopped_by == 'budget' else 'done'}), "
@@ -291,18 +345,13 @@ def _agree(acc, flag: bool) -> bool:
     return bool(broadcast(t, from_process=0).item())
 
 
-def decode_signal(codec, records: torch.Tensor) -> TeacherSignal:
-    """records [N, M, R] uint8 -> TeacherSignal with [N, M, k] tensors."""
-    N, M, R = records.shape
-    ids, lp, res = codec.decode(records.reshape(N * M, R))
-    k = ids.shape[-1]
-    return TeacherSignal(ids=ids.reshape(N, M, k), logprobs=lp.reshape(N, M, k), log_residual=res.reshape(N, M))
-
-
 def _micro_step(acc, wrapped, batch: dict, codec, teacher_w, teacher_dom, domain_names: list[str],
                 recipe: Recipe, norm: int) -> dict:
     dev = acc.device
-    signal = decode_signal(codec, batch["records"].to(dev, non_blocking=True))
+    if "signal" in batch:  # decoded by a loader worker
+        signal = TeacherSignal(*(x.to(dev, non_blocking=True) for x in batch["signal"]))
+    else:
+        signal = B.decode_signal(codec, batch["records"].to(dev, non_blocking=True))
     names = [None if d < 0 else domain_names[d] for d in batch["domains"].tolist()]
     ex_w = example_weights(teacher_w, teacher_dom, names, recipe.loss.weighting).to(dev)
     token_w = ex_w[:, batch["row_sample"].to(dev)]

@@ -10,7 +10,10 @@ import pytest
 import torch
 import yaml
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# At most 2 threads, and OMP_NUM_THREADS wins when set: on a busy 2-core machine two threads
+# per process wait on each other (a tiny matmul goes from ~0.1 ms to ~5 ms).
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def _tiny(path: Path, seed: int, tok, hidden: int = 32) -> Path:

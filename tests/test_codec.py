@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from distill.cache.codec import CODECS, EliasFanoCodec, make_codec, sparse_from_logits
+from distill.cache.codec_vk import VarKCodec
 
 ROOT = Path(__file__).resolve().parents[1]
 EF = ["ef4", "ef5", "ef6", "ef7", "ef8"]
+VK = ["vk64", "vk128", "vk198"]
 # (V, k): V not a power of 2, V = 2**16 (ids fill 16 bits), V = 2**16 + 1, Llama-3's 128,256;
 # k = 1, odd k, the default's k, k = V.
 SHAPES = [(2, 1), (3, 3), (1000, 1), (1000, 7), (1000, 1000), (49152, 26), (49152, 86),
@@ -113,9 +115,10 @@ def test_records_are_deterministic(name):
 
 def test_record_sizes_pinned():
     # docs/benchmarks.md and the recipe defaults quote these sizes.
-    assert make_codec("default", 26, 49152).record_bytes == 64
-    assert make_codec("hifi", 86, 49152).record_bytes == 197
-    assert make_codec("default", 26, 128256).record_bytes == 68
+    assert make_codec("default", 48, 49152).record_bytes == 64
+    assert make_codec("hifi", 128, 49152).record_bytes == 198
+    assert make_codec("default", 48, 128256).record_bytes == 64
+    assert make_codec("ef6", 26, 128256).record_bytes == 68
     assert make_codec("fp16", 32, 49152).record_bytes == 130
     c = make_codec("ef6", 26, 49152)  # 10 + 6 + 26*6 + 26*10 + (26 + (49151 >> 10)) = 505 bits
     assert (c.low_bits, c.upper_bits, c.record_bits) == (10, 73, 505)
@@ -146,7 +149,7 @@ def test_bad_inputs_rejected(name):
 
 
 def test_ef_rejects_duplicates_and_corrupt_records():
-    codec = make_codec("default", 5, 1000)
+    codec = make_codec("ef6", 5, 1000)
     _, ids, lp, res = _rows(1000, 5)
     dup = ids.clone()
     dup[2, 1] = dup[2, 0]
@@ -171,13 +174,14 @@ def test_codec_parameters_validated():
         make_codec("zip", 4, 10)
 
 
-def _doc_decoder():
+def _doc_decoder(name: str = "decode_ef"):
     text = (ROOT / "docs" / "cache_codec.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 1, "docs/cache_codec.md should hold exactly one python block"
+    assert len(blocks) == 2, "docs/cache_codec.md should hold exactly two python blocks (ef, vk)"
     scope: dict = {}
-    exec(compile(blocks[0], "docs/cache_codec.md", "exec"), scope)
-    return scope["decode_ef"]
+    for block in blocks:
+        exec(compile(block, "docs/cache_codec.md", "exec"), scope)
+    return scope[name]
 
 
 @pytest.mark.parametrize("name", EF)
@@ -208,7 +212,7 @@ def test_fp16_layout_is_plain_little_endian():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_ef_on_gpu_matches_cpu():
-    codec = make_codec("default", 26, 49152)
+    codec = make_codec("ef6", 26, 49152)
     _, ids, lp, res = _rows(49152, 26)
     cpu = codec.encode(ids, lp, res)
     gpu = codec.encode(ids.cuda(), lp.cuda(), res.cuda())
@@ -225,13 +229,151 @@ def test_bench_runs_on_a_tiny_model(tiny_world, tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "table.md"
     results = bench.main(["--model", str(tiny_world["ta"]), "--texts", "2", "--max-length", "24", "--repeats", "1",
-                          "--settings", "fp16:4", "default:4", "ef4:4", "dk-bf16:4", "--out", str(out)])
-    assert [r["setting"] for r in results] == ["fp16:4", "default:4 (ef6)", "ef4:4", "dk-bf16:4"]
-    fp16, ef6, ef4, dk = results
+                          "--settings", "fp16:4", "ef6:4", "ef4:4", "dk-bf16:4", "default:4", "--out", str(out)])
+    assert [r["setting"] for r in results] == ["fp16:4", "ef6:4", "ef4:4", "dk-bf16:4", "default:4 (vk64)"]
+    fp16, ef6, ef4, dk, vk = results
+    assert vk["kept"] == 4 and vk["bytes"] == 64
     assert fp16["tvd_bucket"] < ef6["tvd_bucket"] < ef4["tvd_bucket"]
     for r in results:
         assert 0 <= r["tvd_bucket"] <= r["tvd"] + 1e-6 <= 1 and r["kl_fwd"] >= -1e-6 and r["kl_rev"] >= -1e-6
         assert r["top1"] == 1.0 and 0 < r["mass"] < 1 and (r is dk or math.isfinite(r["decode_rows_s"]))
     # exact top-k: TVD with the tail zero-filled is exactly the residual mass
     assert abs(fp16["tvd_zero"] - (1 - fp16["mass"])) < 1e-3
-    assert "| default:4 (ef6) | 4 |" in out.read_text()
+    assert "| default:4 (vk64) | 4 | 4.0 | 64 |" in out.read_text()
+
+
+# -- vk codecs: fixed-size records, a variable number of entries ----------------------------------
+
+VK_SHAPES = [(2, 1), (3, 3), (1000, 7), (1000, 1000), (49152, 48), (49152, 128), (65537, 5), (128256, 48)]
+
+
+def _vk_check(codec, full, ids, lp, res):
+    """Decode and check the padded rows against "top-k_row + uniform tail"; returns k_row."""
+    rec = codec.encode(ids, lp, res)
+    assert rec.dtype == torch.uint8 and rec.shape == (len(ids), codec.record_bytes)
+    d_ids, d_lp, d_res = codec.decode(rec)
+    k, V = codec.k, codec.vocab_size
+    assert d_ids.shape == d_lp.shape == (len(ids), k) and d_res.shape == (len(ids),)
+    k_row = codec.entries(rec)
+    assert ((k_row >= 1) & (k_row <= k)).all()
+    total = d_lp.double().exp().sum(-1) + d_res.double().exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    for i in range(len(ids)):
+        n = int(k_row[i])
+        # the stored entries are the n most probable ones, in rank order, top-1 first
+        assert torch.equal(d_ids[i, :n].sort().values, full[i].topk(n).indices.sort().values)
+        assert d_ids[i, 0] == full[i].argmax()
+        assert len(set(d_ids[i].tolist())) == k  # padding ids distinct and not among the stored ones
+        if n < k:
+            assert (d_ids[i, n:] >= V - 2 * k).all()
+            share = d_lp[i, n:].double().exp()
+            r = share.sum() + d_res[i].double().exp()  # the residual R of the n stored entries
+            assert torch.allclose(share, r / (V - n) * torch.ones_like(share), rtol=1e-5)
+            assert torch.allclose(d_res[i].double().exp(), r * (V - k) / (V - n), rtol=1e-5, atol=1e-30)
+    if k == V:
+        assert torch.isneginf(d_res).all()
+    return k_row
+
+
+@pytest.mark.parametrize("name", VK)
+@pytest.mark.parametrize("V,k", VK_SHAPES)
+def test_vk_round_trip_padding_and_proper_distribution(name, V, k):
+    codec = make_codec(name, k, V)
+    full, ids, lp, res = _rows(V, k)
+    k_row = _vk_check(codec, full, ids, lp, res)
+    if k <= 7:
+        assert (k_row == k).all()  # k_row = k edge: every entry fits, no padding
+
+
+def test_vk_keeps_more_entries_of_peaked_low_id_rows_than_flat_ones():
+    V, k = 49152, 64
+    codec = make_codec("vk64", k, V)
+    g = torch.Generator().manual_seed(0)
+    low = torch.full((4, V), -30.0)
+    low[:, :2000] = torch.randn(4, 2000, generator=g) * 3  # the mass on small ids, as in BPE vocabularies
+    flat = torch.randn(4, V, generator=g) * 0.01  # near-uniform over all ids
+    rows = torch.cat([low, flat])
+    ids, lp, res = sparse_from_logits(rows, k)
+    k_row = _vk_check(codec, torch.log_softmax(rows, -1), ids, lp, res)
+    assert k_row[:4].min() > k_row[4:].max()
+
+
+def test_vk_quantization_error_small():
+    V, k = 49152, 48
+    full, ids, lp, res = _rows(V, k)
+    for name, bound in (("vk64", 0.01), ("vk198", 0.005)):
+        codec = make_codec(name, k, V)
+        rec = codec.encode(ids, lp, res)
+        d_ids, d_lp, d_res = codec.decode(rec)
+        n = codec.entries(rec)
+        stored = torch.arange(k) < n[:, None]
+        err = ((full.gather(1, d_ids).exp() - d_lp.exp()).abs() * stored).sum(-1)
+        assert (err < bound).all(), err.max()
+        # the residual is stored as in the ef codecs: within half a step in sqrt(R)
+        r_true = (1 - (full.gather(1, d_ids).double().exp() * stored).sum(-1)).clamp(min=0)
+        r_dec = (1 - (d_lp.double().exp() * stored).sum(-1)).clamp(min=0)
+        assert ((r_true.sqrt() - r_dec.sqrt()).abs() <= 2.0 ** -11 + 1e-3).all()
+
+
+@pytest.mark.parametrize("name", VK)
+def test_vk_records_are_deterministic_and_order_free(name):
+    codec = make_codec(name, 48, 49152)
+    _, ids, lp, res = _rows(49152, 48)
+    first = codec.encode(ids, lp, res)
+    assert torch.equal(first, codec.encode(ids.clone(), lp.clone(), res.clone()))
+    perm = torch.argsort(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)), -1)
+    assert torch.equal(first, codec.encode(ids.gather(1, perm), lp.gather(1, perm), res))
+
+
+def test_vk_bad_inputs_and_corrupt_records():
+    codec = make_codec("vk64", 5, 1000)
+    _, ids, lp, res = _rows(1000, 5)
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        codec.encode(torch.where(ids == ids[3, 2], torch.tensor(1000), ids), lp, res)
+    dup = ids.clone()
+    dup[2, 1] = dup[2, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        codec.encode(dup, lp, res)
+    with pytest.raises(ValueError, match="expected"):
+        codec.encode(ids[:, :4], lp[:, :4], res)
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode(ids, torch.where(lp == lp[0, 1], torch.tensor(float("nan")), lp), res)
+    rec = codec.encode(ids, lp, res)
+    with pytest.raises(ValueError, match="expected uint8 records"):
+        codec.decode(rec[:, :-1])
+    bad = rec.clone()
+    bad[:, 2:] = 0  # no unary stream at all
+    with pytest.raises(ValueError, match="corrupt"):
+        codec.decode(bad)
+    big = make_codec("vk64", 5, 49152)
+    bad = big.encode(*_rows(49152, 5)[1:])
+    bad[:, 2:] = 0xFF  # codes of 0 bits each: ids 0 repeated or out of range, steps below 0
+    with pytest.raises(ValueError, match="corrupt"):
+        big.decode(bad)
+
+
+def test_vk_parameters_validated():
+    with pytest.raises(ValueError, match="k <= vocab_size"):
+        make_codec("vk64", 11, 10)
+    with pytest.raises(ValueError, match="2\\*\\*24"):
+        make_codec("vk64", 4, (1 << 24) + 1)
+    with pytest.raises(ValueError, match="cannot hold one entry"):
+        VarKCodec(k=4, vocab_size=49152, budget=2, value_bits=7, name="vk2")
+    with pytest.raises(ValueError, match="value_bits"):
+        VarKCodec(k=4, vocab_size=49152, budget=64, value_bits=0, name="vk64")
+    with pytest.raises(KeyError):
+        make_codec("vk65", 4, 1000)
+
+
+@pytest.mark.parametrize("name", VK)
+@pytest.mark.parametrize("V,k", [(49152, 48), (1000, 1000), (65537, 5), (3, 3), (128256, 1)])
+def test_documented_numpy_vk_decoder_matches(name, V, k):
+    decode_vk = _doc_decoder("decode_vk")
+    codec = make_codec(name, k, V)
+    _, ids, lp, res = _rows(V, k)
+    rec = codec.encode(ids, lp, res)
+    n_ids, n_lp, n_res = decode_vk(rec.numpy(), codec.describe())
+    d_ids, d_lp, d_res = codec.decode(rec)
+    assert np.array_equal(n_ids, d_ids.numpy())
+    assert np.allclose(n_lp, d_lp.numpy(), atol=1e-5)
+    assert np.allclose(n_res, d_res.numpy(), atol=1e-5) or (k == V and np.isneginf(n_res).all())

@@ -39,7 +39,7 @@ def write(tmp_path: Path, data: dict, name="recipe.yaml") -> Path:
 def test_valid_recipe_loads_with_defaults_and_overrides(tmp_path, base):
     r = load_recipe(write(tmp_path, base), ["train.lr=3e-4", "teachers.1.weight=2", "loss.divergence=jsd"])
     assert r.train.lr == 3e-4 and r.teachers[1].weight == 2.0 and r.loss.divergence == "jsd"
-    assert r.cache.top_k == 26 and r.cache.dir == str(tmp_path / "run" / "cache")  # default + placeholder
+    assert r.cache.top_k == 48 and r.cache.dir == str(tmp_path / "run" / "cache")  # default + placeholder
 
 
 def test_run_dir_placeholders(tmp_path, base):
@@ -69,6 +69,8 @@ BAD = [
     (lambda d: d.update(train={"budget_minutes": -5}), "train.budget_minutes"),
     (lambda d: d.update(cache={"top_k": 0}), "cache.top_k"),
     (lambda d: d.update(cache={"top_k": -3}), "cache.top_k"),
+    (lambda d: d.update(cache={"codec": "fp16"}), "cache.top_k"),  # no default k for fp16
+    (lambda d: d.update(cache={"codec": "vk65"}), "cache.codec"),
     (lambda d: d["teachers"][1].update(name="a"), "teachers[1].name"),
     (lambda d: d.update(loss={"divergence": "hellinger"}), "loss.divergence"),
     (lambda d: d["data"].update(sources=[]), "data.sources"),
@@ -93,6 +95,8 @@ BAD = [
     (lambda d: d.update(eval={"models": [{"name": "avg"}]}), "eval.models[0]"),
     (lambda d: d.update(publish={"push": True}), "publish.repo_id"),
     (lambda d: d.update(train={"budget_minutes": 1, "eval_reserve_minutes": 2}), "train.eval_reserve_minutes"),
+    (lambda d: d.update(train={"num_workers": -1}), "train.num_workers"),
+    (lambda d: d.update(train={"group_batches": 0}), "train.group_batches"),
     (lambda d: d["student"].update(max_params=-1), "student.max_params"),
     (lambda d: d.update(name=""), "name"),
     (lambda d: d.update(synthetic={"hidden_size": 512}), "synthetic.hidden_size"),
@@ -150,7 +154,7 @@ def test_validate_prints_resolved_with_origins(tmp_path, base, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "train.lr: 0.01  (override)" in out
-    assert "cache.top_k: 26  (default)" in out
+    assert "cache.top_k: 48  (default)" in out
     assert "student.model:" in out and "(recipe)" in out
 
 
@@ -159,3 +163,11 @@ def test_every_shipped_recipe_validates():
     assert recipes, "no recipes shipped"
     for p in recipes:
         load_recipe(p)
+
+
+def test_top_k_defaults_to_the_codecs_measured_setting(tmp_path, base):
+    assert load_recipe(write(tmp_path, base)).cache.top_k == 48
+    base["cache"] = {"codec": "hifi"}
+    assert load_recipe(write(tmp_path, base)).cache.top_k == 128
+    base["cache"] = {"codec": "hifi", "top_k": 100}
+    assert load_recipe(write(tmp_path, base)).cache.top_k == 100

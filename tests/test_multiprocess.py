@@ -31,8 +31,10 @@ def test_ddp_two_processes_trains_and_saves(tiny_world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     recipe = tiny_recipe(tiny_world, tmp_path / "run",
+                         # Length grouping off: the first and last logged windows are compared, which
+                         # needs every window to be a random draw of the data, not of one length group.
                          train={"max_steps": 12, "batch_size": 2, "lr": 1e-2, "log_every_steps": 3,
-                                "schedule": "constant"},
+                                "schedule": "constant", "group_by_length": False},
                          wandb={"enabled": True, "mode": "offline", "project": "distill-test"})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_capture(load_recipe(path))
@@ -75,9 +77,27 @@ def test_two_process_capture_equals_one_process(tiny_world, tmp_path):
     assert len(one) > 10 and one == two
 
 
+def _partitioned_zero3(tmp_path: Path) -> Path:
+    """launch/zero3.yaml with every parameter partitioned and released as soon as possible
+    (the tiny model is otherwise below DeepSpeed's persistence threshold)."""
+    root = Path(__file__).resolve().parent.parent
+    cfg = json.loads((root / "launch" / "zero3.json").read_text())
+    cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0,
+                                    stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0,
+                                    reduce_bucket_size=1000)
+    (tmp_path / "z3.json").write_text(json.dumps(cfg))
+    text = (root / "launch" / "zero3.yaml").read_text().replace("launch/zero3.json", str(tmp_path / "z3.json"))
+    (tmp_path / "z3.yaml").write_text(text)
+    return tmp_path / "z3.yaml"
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_and_zero3_match_ddp(tiny_world, tmp_path):
-    """The same 2-process run under DDP, ZeRO-2 and ZeRO-3 (gloo, CPU) gives the same student."""
+    """The same 2-process run under DDP, ZeRO-2 and ZeRO-3 (gloo, CPU) gives the same student.
+
+    DeepSpeed runs on CPU only without ACCELERATE_USE_CPU (accelerate's cpu flag turns
+    DeepSpeed off and silently falls back to DDP), so the log line naming the setup is checked.
+    """
     from safetensors.torch import load_file
 
     root = Path(__file__).resolve().parent.parent
@@ -86,18 +106,26 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tiny_world, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_capture(load_recipe(path))
     students = {}
-    for name, extra in [("ddp", ["--multi_gpu"]),
-                        ("zero2", ["--config_file", "launch/zero2.yaml", "--mixed_precision", "no"]),
-                        ("zero3", ["--config_file", "launch/zero3.yaml", "--mixed_precision", "no"])]:
-        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    variants = [("ddp", ["--multi_gpu"], "DDP, 2 processes"),
+                ("zero2", ["--config_file", "launch/zero2.yaml", "--mixed_precision", "no"], "DeepSpeed ZeRO-2"),
+                ("zero3", ["--config_file", "launch/zero3.yaml", "--mixed_precision", "no"], "DeepSpeed ZeRO-3"),
+                ("zero3_partitioned", ["--config_file", str(_partitioned_zero3(tmp_path)), "--mixed_precision",
+                                       "no"], "DeepSpeed ZeRO-3")]
+    for name, extra, setup in variants:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if name == "ddp":
+            env["ACCELERATE_USE_CPU"] = "1"
         cmd = [ACCELERATE, "launch", *extra, "--num_processes", "2", "--main_process_port", "29617",
                "-m", "distill", "train", str(path), f"run_dir={tmp_path / name}",
                f"cache.dir={tmp_path / 'run' / 'cache'}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=900)
         assert proc.returncode == 0, (name, proc.stderr[-4000:])
+        assert f"train: {setup}" in proc.stdout, (name, proc.stdout[-2000:])
         students[name] = load_file(tmp_path / name / "student" / "model.safetensors")
     base = load_file(Path(tiny_world["base"]) / "model.safetensors")
+    assert students["ddp"]
     for k, v in students["ddp"].items():
         assert not torch.allclose(v, base[k]), k  # it trained
-        for name in ("zero2", "zero3"):
-            assert torch.allclose(v, students[name][k], atol=1e-6), (name, k)
+        for name in ("zero2", "zero3", "zero3_partitioned"):
+            # DeepSpeed reduces gradients in buckets of its own order: equal up to float rounding.
+            assert torch.allclose(v, students[name][k], atol=2e-5), (name, k, (v - students[name][k]).abs().max())

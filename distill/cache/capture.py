@@ -8,6 +8,10 @@ grouped by base model (a LoRA expert shares its base with its siblings: the base
 is loaded once and adapters are switched, never merged); for each group, every
 pending shard is run in length-sorted batches and each teacher's rows are written.
 Tokenizers are compared before any weights load, so a mismatched teacher fails fast.
+
+Prompt-only sources (`generate:`) get their responses first (distill/cache/generate.py),
+stored under `<cache>/generated/`; the group that generated last stays loaded and is
+captured first, so a recipe whose experts share one base loads it once in all.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from tqdm import tqdm
 
 from distill.cache import store
 from distill.cache.codec import make_codec, sparse_from_logits
-from distill.config import Recipe, TeacherConfig
+from distill.cache.generate import run_generation
+from distill.cache.teachers import Active, GroupLoader, groups, teacher_record
+from distill.config import Recipe
 from distill.data import Sample, load_samples
 from distill.errors import CacheError, DistillError
-from distill.models import load_model, load_tokenizer, tokenizer_fingerprint
+from distill.models import load_tokenizer, tokenizer_fingerprint
 
 
 @dataclass
@@ -37,6 +43,8 @@ class CaptureReport:
     shards_skipped: int = 0
     model_loads: int = 0  # full-model loads in this process (LoRA siblings share one)
     rows: int = 0
+    generated: int = 0  # responses generated in this process (prompt-only sources; 0 when reused)
+    generate_s: float = 0.0
     forward_s: float = 0.0  # teacher forward passes (incl. LM head on target rows)
     encode_s: float = 0.0  # top-k + codec
     write_s: float = 0.0  # files + hashes + manifest
@@ -67,11 +75,6 @@ def plan_shards(samples: list[Sample], shard_tokens: int) -> list[tuple[int, int
     if start < len(samples):
         plan.append((start, len(samples)))
     return plan
-
-
-def teacher_record(t: TeacherConfig) -> dict:
-    return {"name": t.name, "model": t.model, "revision": t.revision, "adapter": t.adapter,
-            "gguf_file": t.gguf_file, "dtype": t.dtype, "quantization": t.quantization}
 
 
 def check_tokenizers(recipe: Recipe):
@@ -107,7 +110,8 @@ def vocab_size_of(recipe: Recipe) -> int:
 
 
 def new_manifest(recipe: Recipe, tok_fp: str, samples: list[Sample], domains: list[str],
-                 plan: list[tuple[int, int]], vocab_size: int, summary: str) -> dict:
+                 plan: list[tuple[int, int]], vocab_size: int, summary: str,
+                 generation: dict | None = None) -> dict:
     codec = make_codec(recipe.cache.codec, recipe.cache.top_k, vocab_size)
     shards = {}
     for i, (a, b) in enumerate(plan):
@@ -123,7 +127,8 @@ def new_manifest(recipe: Recipe, tok_fp: str, samples: list[Sample], domains: li
         "data": {"fingerprint": data_fingerprint(samples, domains), "samples": len(samples),
                  "tokens": sum(len(s.input_ids) for s in samples),
                  "targets": sum(sum(s.target_mask) for s in samples), "summary": summary,
-                 "max_length": recipe.data.max_length, "mask": recipe.data.mask},
+                 "max_length": recipe.data.max_length, "mask": recipe.data.mask}
+        | ({"generation": generation} if generation else {}),
         "codec": codec.describe(),
         "teachers": [teacher_record(t) for t in recipe.teachers],
         "domains": domains,
@@ -140,7 +145,11 @@ def _identity(m: dict) -> dict:
 
 
 def open_or_create(cache_dir: Path, fresh: dict, rebuild: bool) -> dict:
-    """Reuse a matching cache, refuse (or with rebuild, discard) one made from another recipe."""
+    """Reuse a matching cache, refuse (or with rebuild, discard) one made from another recipe.
+
+    Generated responses checked against this recipe by generate.prepare_dir survive a rebuild."""
+    for tmp in cache_dir.glob("manifest.json.tmp*"):
+        tmp.unlink()  # a run killed inside a manifest write leaves its half-written copy behind
     if (cache_dir / "manifest.json").exists():
         old = store.read_manifest(cache_dir)
         if _identity(old) == _identity(fresh):
@@ -149,7 +158,10 @@ def open_or_create(cache_dir: Path, fresh: dict, rebuild: bool) -> dict:
         if not rebuild:
             raise CacheError(f"{cache_dir}: existing cache was made with different {', '.join(diff)}; "
                              "set cache.rebuild=true to discard it, or use another cache.dir")
-        shutil.rmtree(cache_dir)
+        keep = "generated" if "generation" in fresh["data"] else None
+        for p in cache_dir.iterdir():
+            if p.name != keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     cache_dir.mkdir(parents=True, exist_ok=True)
     store.write_json_atomic(cache_dir / "manifest.json", fresh)
     return fresh
@@ -238,48 +250,6 @@ def write_tokens(shard_dir: Path, samples: list[Sample], domains: list[str]) -> 
 # ---------------------------------------------------------------- the stage
 
 
-def _groups(teachers: list[TeacherConfig]) -> list[list[TeacherConfig]]:
-    """Teachers sharing one base model (same weights, dtype, quantization) form one group."""
-    groups: dict[tuple, list[TeacherConfig]] = {}
-    for t in teachers:
-        groups.setdefault((t.model, t.revision, t.gguf_file, t.dtype, t.quantization), []).append(t)
-    return list(groups.values())
-
-
-def _load_group(group: list[TeacherConfig], recipe: Recipe, device):
-    """Load the shared base once and attach every LoRA adapter of the group by teacher name."""
-    from distill.models import attach_adapter
-
-    first = group[0]
-    model = load_model(first.model, revision=first.revision, gguf_file=first.gguf_file, dtype=first.dtype,
-                       quantization=first.quantization, trust_remote_code=recipe.trust_remote_code,
-                       device=device, what=f"teacher {first.name}")
-    for t in group:
-        if t.adapter:
-            model = attach_adapter(model, t.adapter, name=t.name, what=f"teacher {t.name} adapter")
-    model.eval()
-    return model
-
-
-class _Active:
-    """Context: run `model` as teacher `t` (its adapter active, or all adapters off)."""
-
-    def __init__(self, model, t: TeacherConfig):
-        self.model, self.t, self._ctx = model, t, None
-
-    def __enter__(self):
-        if self.t.adapter:
-            self.model.set_adapter(self.t.name)
-        elif hasattr(self.model, "disable_adapter"):
-            self._ctx = self.model.disable_adapter()
-            self._ctx.__enter__()
-        return self.model
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-
-
 def run_capture(recipe: Recipe, state=None) -> CaptureReport:
     """Capture (or resume) the recipe's cache. `state` is an accelerate PartialState (or None)."""
     rank = state.process_index if state is not None else 0
@@ -289,13 +259,23 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
     barrier = state.wait_for_everyone if state is not None else (lambda: None)
 
     tok, tok_fp = check_tokenizers(recipe)
-    samples, stats = load_samples(tok, recipe.data)
-    domains = sorted({s.domain for s in samples if s.domain})
     vocab_size = vocab_size_of(recipe)
     cache_dir = Path(recipe.cache.dir)
+    report = CaptureReport(cache_dir=str(cache_dir))
+    loader = GroupLoader(recipe, device)
+    generation: dict = {}
+
+    def answer(prompts):  # called by load_samples only when a source is prompt-only
+        responses, generation["record"] = run_generation(recipe, prompts, tok, tok_fp, loader, report,
+                                                         rank, world, barrier)
+        return responses
+
+    samples, stats = load_samples(tok, recipe.data, recipe.teachers, answer)
+    domains = sorted({s.domain for s in samples if s.domain})
     plan = plan_shards(samples, recipe.cache.shard_tokens)
-    fresh = new_manifest(recipe, tok_fp, samples, domains, plan, vocab_size, stats.summary())
-    report = CaptureReport(cache_dir=str(cache_dir), data_summary=stats.summary())
+    fresh = new_manifest(recipe, tok_fp, samples, domains, plan, vocab_size, stats.summary(),
+                         generation.get("record"))
+    report.data_summary = stats.summary()
     if main:
         open_or_create(cache_dir, fresh, recipe.cache.rebuild)
     barrier()
@@ -321,17 +301,16 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
     report.shards_skipped = sum(1 for s in mine if store.is_shard_complete(manifest, s))
     total = sum(len(v) for v in pending.values())
     bar = tqdm(total=total, desc="cache", unit="shard·teacher", disable=not main or total == 0)
-    for group in _groups(recipe.teachers):
+    for group in sorted(groups(recipe.teachers), key=lambda g: not loader.holds(g)):  # a loaded group first
         if not any(pending[t.name] for t in group):
             continue
-        model = _load_group(group, recipe, device)
-        report.model_loads += 1
+        model = loader.get(group)
         for name in sorted({s for t in group for s in pending[t.name]}):
             a, b = manifest["shards"][name]["samples"]
             for t in group:
                 if name not in pending[t.name]:
                     continue
-                with _Active(model, t) as m:
+                with Active(model, t) as m:
                     rows = shard_rows(m, samples[a:b], codec, recipe.cache.batch_size, tok.pad_token_id,
                                       device, report)
                 t0 = time.perf_counter()
@@ -341,9 +320,9 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
                 report.rows += len(rows)
                 bar.update(1)
             report.shards_done += 1
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del model  # so that loading the next group frees this one first
+    loader.release()
+    report.model_loads = loader.loads
     bar.close()
     barrier()
     final = store.read_manifest(cache_dir)

@@ -13,11 +13,13 @@ is pushed into the top-k shape, never into the residual the codec stored).
 Codecs (byte layouts in docs/cache_codec.md, measurements in docs/benchmarks.md):
     fp16      exact ids (2 or 4 bytes), float16 log-probs and residual. A reference.
     ef4..ef8  Elias-Fano coded id set, 4..8-bit companded log-probs relative to the
-              top-1, 10-bit residual. `default` is ef6, `hifi` is ef7.
+              top-1, 10-bit residual; exactly k entries.
+    vk64, vk128, vk198  fixed 64 / 128 / 198-byte records keeping as many of the row's top
+              entries as fit, up to k (distill/cache/codec_vk.py). `default` is vk64, `hifi` vk198.
 
-The record size is fixed by (codec, k, V), so a cache stays sliceable; k comes
-from the recipe (`cache.top_k`). At V = 49,152: default with k = 26 is 64 bytes,
-hifi with k = 86 is 197 bytes.
+Records are fixed-size, so a cache stays sliceable; k comes from the recipe (`cache.top_k`).
+For ef/fp16 the size follows from (codec, k, V) (ef6 with k = 26 is 64 bytes at V = 49,152);
+for vk codecs it is the name's, and k is the most entries a row keeps (48 suits vk64, 128 vk198).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
+
+from distill.cache.codec_vk import VarKCodec
 
 
 def sparse_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,12 +318,21 @@ class EliasFanoCodec:
                 "ef_low_bits": self.low_bits, "ef_upper_bits": self.upper_bits}
 
 
-Codec = Union[Fp16Codec, EliasFanoCodec]
+Codec = Union[Fp16Codec, EliasFanoCodec, VarKCodec]
 CodecFactory = Callable[[int, int], Codec]
 
 
 def _ef(bits: int) -> CodecFactory:
     return lambda k, v: EliasFanoCodec(k=k, vocab_size=v, value_bits=bits, name=f"ef{bits}")
+
+
+# vk<bytes>: the record size is the name's; k (the recipe's top_k) is the most entries a row keeps.
+VK = {"vk64": (64, 7), "vk128": (128, 8), "vk198": (198, 8)}  # name -> (record bytes, value bits)
+
+
+def _vk(name: str) -> CodecFactory:
+    nbytes, bits = VK[name]
+    return lambda k, v: VarKCodec(k=k, vocab_size=v, budget=nbytes, value_bits=bits, name=name)
 
 
 # name -> factory(k, vocab_size). "default" and "hifi" were picked by measurement
@@ -328,9 +341,17 @@ def _ef(bits: int) -> CodecFactory:
 CODECS: dict[str, CodecFactory] = {
     "fp16": lambda k, v: Fp16Codec(k=k, vocab_size=v),
     **{f"ef{b}": _ef(b) for b in range(4, 9)},
-    "default": _ef(6),
-    "hifi": _ef(7),
+    **{name: _vk(name) for name in VK},
+    "default": _vk("vk64"),
+    "hifi": _vk("vk198"),
 }
+
+
+# The recipe's cache.top_k when it leaves it out: the measured settings of docs/benchmarks.md
+# (a vk codec keeps as many entries as fit its record, up to k; 48 and 128 are above what a
+# 64 B / 198 B record holds on real text, so they do not cap it).
+DEFAULT_TOP_K: dict[str, int] = {"default": 48, "hifi": 128, "vk64": 48, "vk128": 80, "vk198": 128,
+                                 "ef6": 26, "ef7": 86}
 
 
 def make_codec(name: str, k: int, vocab_size: int) -> Codec:
