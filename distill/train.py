@@ -285,7 +285,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     history = run_dir / "train_log.jsonl"
     bar = tqdm(total=planned, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
     stopped_by, last_loss = "done", None
-    window = {"loss": 0.0, "tokens": 0, "div": None, "share": None, "t0": time.time()}
+    window = _new_window()
     while step < planned:
         if not _agree(acc, budget.fits_another_step(time.time())):
             stopped_by = "budget"
@@ -294,16 +294,18 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
         # Target tokens of this whole optimizer step, over micro-batches and ranks: the
         # same number on every rank, known before the step, so the loss is normalised once.
         norm = sum(int(targets_per_sample[plans.batch(m)].sum()) for m in range(micro, micro + t.grad_accum))
+        step_loss = torch.zeros((), device=acc.device)
         for _ in range(t.grad_accum):
             batch = next(micro_batches)
             out = _micro_step(acc, wrapped, batch, codec, teacher_w, teacher_dom, reader.domains, recipe, norm)
             micro += 1
-            window["loss"] += out["loss_sum"]
-            window["tokens"] += out["n"]
-            window["div"] = out["div"] if window["div"] is None else window["div"] + out["div"]
-            window["share"] = out["share"] if window["share"] is None else window["share"] + out["share"]
-        if t.max_grad_norm > 0:
-            acc.clip_grad_norm_(params, t.max_grad_norm)
+            step_loss += out["loss_sum"]
+            for key in ("loss", "tokens", "div", "share"):
+                window[key] = out[key] if window[key] is None else window[key] + out[key]
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        # One host sync per optimizer step (none per micro-batch): a non-finite loss or gradient
+        # stops the run before the update, so every checkpoint on disk holds finite weights.
+        _check_finite(acc, step_loss if grad_norm is None else step_loss + grad_norm, step, ckpt_root)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -319,7 +321,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
             budget.save_s = max(budget.save_s, 2 * (time.time() - t0))
     bar.close()
     del micro_batches  # stops the loader workers before the saves
-    if window["tokens"]:
+    if window["tokens"] is not None:
         last_loss = _log(acc, bar, window, step, sched, recipe, history)
     final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
                                   t.keep_last)
@@ -361,22 +363,34 @@ def _micro_step(acc, wrapped, batch: dict, codec, teacher_w, teacher_dom, domain
         # accelerate divides by grad_accum and DDP/DeepSpeed average over ranks: undo both,
         # so the gradient is exactly sum(token losses) / (global target tokens of the step).
         scale = acc.num_processes * recipe.train.grad_accum / max(norm, 1)
-        loss = out["loss_sum"] * scale
-        if not torch.isfinite(loss):
-            raise DistillError(f"training diverged: non-finite loss ({loss.item()}); the last good checkpoint "
-                               f"is kept under {Path(recipe.run_dir) / 'checkpoints'}")
-        acc.backward(loss)
-    return {"loss_sum": out["loss_sum"].detach().float().item(), "n": int(out["n_tokens"]),
-            "div": out["div"].detach().float().cpu(), "share": out["share"].detach().float().cpu()}
+        acc.backward(out["loss_sum"] * scale)
+    # Device tensors, summed over the log window; nothing here waits for the device.
+    loss_sum = out["loss_sum"].detach().float()
+    return {"loss_sum": loss_sum, "loss": loss_sum.reshape(1),
+            "tokens": torch.tensor([float(out["n_tokens"])], device=dev),
+            "div": out["div"].detach().float(), "share": out["share"].detach().float()}
+
+
+def _new_window() -> dict:
+    return {"loss": None, "tokens": None, "div": None, "share": None, "t0": time.time()}
+
+
+def _check_finite(acc, value: torch.Tensor, step: int, ckpt_root: Path) -> None:
+    """Raise on every rank together when any rank's loss (or the gradient norm) is not finite."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=acc.device).reshape(1)
+    if acc.num_processes > 1:
+        value = acc.reduce(value, reduction="sum")  # a NaN or inf anywhere reaches every rank
+    if not bool(torch.isfinite(value).all()):
+        last = ckpt.latest(ckpt_root)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        raise DistillError(f"training diverged at step {step + 1}: non-finite loss or gradient norm; {kept} "
+                           "(try a lower train.lr or train.max_grad_norm)")
 
 
 def _log(acc, bar, window: dict, step: int, sched, recipe: Recipe, history: Path) -> float | None:
     """Sum the window over ranks (a collective: every rank calls it), then log on the main process."""
     N = len(recipe.teachers)
-    zeros = torch.zeros(N)
-    local = torch.cat([torch.tensor([window["loss"], float(window["tokens"])]),
-                       zeros if window["div"] is None else window["div"],
-                       zeros if window["share"] is None else window["share"]]).to(acc.device)
+    local = torch.cat([window["loss"], window["tokens"], window["div"], window["share"]])
     total = acc.reduce(local, reduction="sum").cpu() if acc.num_processes > 1 else local.cpu()
     n = max(float(total[1]), 1.0)
     elapsed = max(time.time() - window["t0"], 1e-9)
@@ -390,5 +404,5 @@ def _log(acc, bar, window: dict, step: int, sched, recipe: Recipe, history: Path
     if acc.is_main_process:
         with open(history, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-    window.update(loss=0.0, tokens=0, div=None, share=None, t0=time.time())
+    window.update(_new_window())
     return metrics["loss"]

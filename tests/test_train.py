@@ -169,3 +169,20 @@ def test_gradient_checkpointing_changes_nothing_but_memory(cached, tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_divergence_stops_before_a_bad_update_and_keeps_finite_checkpoints(cached):
+    from safetensors.torch import load_file
+
+    from distill.checkpoint import latest, verify
+    from distill.errors import DistillError
+
+    recipe = cached(["train.max_steps=8", "train.lr=1e30", "train.schedule=constant", "train.save_every_steps=1",
+                     "train.log_every_steps=100"])
+    with pytest.raises(DistillError, match=r"training diverged at step \d+: .*last good checkpoint is "):
+        run_train(recipe)
+    last = latest(Path(recipe.run_dir) / "checkpoints")
+    assert last is not None
+    verify(last)
+    weights = load_file(next(last.glob("**/model.safetensors")))
+    assert weights and all(bool(torch.isfinite(v).all()) for v in weights.values())
