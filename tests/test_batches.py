@@ -11,7 +11,6 @@ import torch
 from conftest import tiny_recipe, write_recipe
 from distill import batches as B
 from distill.cache.capture import run_capture
-from distill.cache.codec import make_codec
 from distill.cache.store import CacheReader
 from distill.config import load_recipe
 
@@ -95,8 +94,7 @@ def test_loader_with_workers_equals_in_process_reads(cache_dir):
     """Same batches, same order, with 0 or 2 workers, decoding in the workers or not."""
     reader = CacheReader(cache_dir)
     ds = B.CacheDataset(reader)
-    m = reader.manifest["codec"]
-    codec = make_codec(m["name"], m["k"], m["vocab_size"])
+    codec = reader.codec()  # from the manifest, id order included (pickled to the workers)
     plans = lambda: B.PlanCache(len(ds), 2, 2, 0, len(ds) // 4, lengths=reader.lengths())  # noqa: E731
     expect = [B.collate([ds[i] for i in plans().local(mi, 1)], pad_id=0) for mi in range(3, 25)]
     for workers, dec in [(0, None), (2, None), (2, codec)]:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import tiny_recipe, write_recipe
+from conftest import tiny_recipe, top_counts, write_recipe
 from distill.cache import store
 from distill.cache.capture import run_capture
-from distill.cache.codec import make_codec
 from distill.config import load_recipe
 
 K = 4
@@ -60,7 +59,7 @@ def test_three_lora_experts_share_one_base_load(tiny_world, tmp_path):
     reader = store.CacheReader(recipe.cache.dir, verify="full")
     assert reader.teacher_names == ["e0", "e1", "e2", "plain"] and len(reader.manifest["shards"]) > 1
     c = reader.manifest["codec"]
-    codec = make_codec(c["name"], c["k"], c["vocab_size"])
+    codec = reader.codec()  # from the manifest, id order included
     references = [_merged(base, adapters[n]) for n in TARGETS] + [AutoModelForCausalLM.from_pretrained(base).eval()]
 
     compared = total = 0
@@ -87,3 +86,26 @@ def test_three_lora_experts_share_one_base_load(tiny_world, tmp_path):
         if i == 0:  # the four teachers really differ (a switch that did nothing would fail here)
             assert all(not torch.equal(a, b) for j, a in enumerate(decoded) for b in decoded[j + 1:])
     assert compared >= 0.9 * total > 0, (compared, total)
+
+
+def test_id_order_comes_from_the_first_teacher_with_its_adapter_active(tiny_world, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from distill.cache import capture
+
+    monkeypatch.setattr(capture, "ID_ORDER_TOP", 3)  # the tiny vocabulary (42) is inside any top-128
+    base = tiny_world["base"]
+    adapter = _make_adapter(base, tmp_path / "e2", 2, TARGETS["e2"])
+    teachers = [{"name": "e2", "model": str(base), "adapter": str(adapter)}, {"name": "plain", "model": str(base)}]
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        tiny_world, tmp_path / "run", teachers=teachers, cache={"top_k": K, "batch_size": 8, "shard_tokens": 200})))
+    assert run_capture(recipe).model_loads == 1  # the order reuses the group's one load
+    reader = store.CacheReader(recipe.cache.dir, verify="full")
+    assert reader.manifest["codec"]["id_order"]["teacher"] == "e2"
+    order = torch.from_numpy(np.load(reader.dir / "id_order.npy")).long()
+    expert = top_counts(_merged(base, adapter), reader, 3)
+    plain = top_counts(AutoModelForCausalLM.from_pretrained(base).eval(), reader, 3)
+    ranked = expert[order]
+    assert (ranked[1:] <= ranked[:-1] + 2).all() and ranked[0] == expert.max()
+    # The base's counts do not fit the order: it came from the expert, adapter on.
+    assert not ((plain[order][1:] <= plain[order][:-1] + 2).all() and plain[order][0] == plain.max())

@@ -12,7 +12,6 @@ from conftest import write_recipe
 from distill import smollm
 from distill.cache import store
 from distill.cache.capture import run_capture
-from distill.cache.codec import make_codec
 from distill.cli import main
 from distill.config import load_recipe
 from distill.errors import DistillError
@@ -60,7 +59,7 @@ def test_smollm2_rows_match_its_logits(tmp_path, capsys):
     reader = store.CacheReader(recipe.cache.dir, verify="full")
     c = reader.manifest["codec"]
     assert c["vocab_size"] == 49152 and len(reader) == len(ROWS) and len(reader.manifest["shards"]) > 1
-    codec = make_codec(c["name"], c["k"], c["vocab_size"])
+    codec = reader.codec()  # from the manifest, id order included
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     compared = total = 0
     for i in range(len(reader)):

@@ -35,7 +35,10 @@ def _rows(V: int, k: int, m: int = 20):
     scale = torch.tensor([0.1, 1.0, 3.0, 10.0, 40.0]).repeat(m // 5 + 1)[:m, None]
     logits = torch.randn(m, V, generator=g) * scale
     ids, lp, res = sparse_from_logits(logits, k)
-    return torch.log_softmax(logits, -1), ids, lp, res
+    full = torch.log_softmax(logits, -1)
+    # Exact log-probs of the chosen ids (sparse_from_logits rounds them ~1e-6 differently), so
+    # the bounds below measure the codec alone.
+    return full, ids, full.gather(1, ids), res
 
 
 @pytest.mark.parametrize("name", ["fp16", *EF])
@@ -229,9 +232,12 @@ def test_bench_runs_on_a_tiny_model(tiny_world, tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "table.md"
     results = bench.main(["--model", str(tiny_world["ta"]), "--texts", "2", "--max-length", "24", "--repeats", "1",
-                          "--settings", "fp16:4", "ef6:4", "ef4:4", "dk-bf16:4", "default:4", "--out", str(out)])
-    assert [r["setting"] for r in results] == ["fp16:4", "ef6:4", "ef4:4", "dk-bf16:4", "default:4 (vk64)"]
-    fp16, ef6, ef4, dk, vk = results
+                          "--calib-texts", "2", "--settings", "fp16:4", "ef6:4", "ef4:4", "dk-bf16:4", "default:4",
+                          "default:4:order", "--out", str(out)])
+    assert [r["setting"] for r in results] == ["fp16:4", "ef6:4", "ef4:4", "dk-bf16:4", "default:4 (vk64)",
+                                               "default:4:order (vk64)"]
+    fp16, ef6, ef4, dk, vk, vk_order = results
+    assert vk_order["kept"] == 4 and abs(vk_order["tvd"] - vk["tvd"]) < 1e-6  # all 4 fit: the same rows
     assert vk["kept"] == 4 and vk["bytes"] == 64
     assert fp16["tvd_bucket"] < ef6["tvd_bucket"] < ef4["tvd_bucket"]
     for r in results:
@@ -254,6 +260,8 @@ def _vk_check(codec, full, ids, lp, res):
     d_ids, d_lp, d_res = codec.decode(rec)
     k, V = codec.k, codec.vocab_size
     assert d_ids.shape == d_lp.shape == (len(ids), k) and d_res.shape == (len(ids),)
+    # Padding sits on the largest free ids, or with an id order the largest free ranks.
+    pad_key = d_ids if codec.id_order is None else torch.from_numpy(np.argsort(np.asarray(codec.id_order)))[d_ids]
     k_row = codec.entries(rec)
     assert ((k_row >= 1) & (k_row <= k)).all()
     total = d_lp.double().exp().sum(-1) + d_res.double().exp()
@@ -265,7 +273,7 @@ def _vk_check(codec, full, ids, lp, res):
         assert d_ids[i, 0] == full[i].argmax()
         assert len(set(d_ids[i].tolist())) == k  # padding ids distinct and not among the stored ones
         if n < k:
-            assert (d_ids[i, n:] >= V - 2 * k).all()
+            assert (pad_key[i, n:] >= V - 2 * k).all()
             share = d_lp[i, n:].double().exp()
             r = share.sum() + d_res[i].double().exp()  # the residual R of the n stored entries
             assert torch.allclose(share, r / (V - n) * torch.ones_like(share), rtol=1e-5)
@@ -365,15 +373,121 @@ def test_vk_parameters_validated():
         make_codec("vk65", 4, 1000)
 
 
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("name", VK)
 @pytest.mark.parametrize("V,k", [(49152, 48), (1000, 1000), (65537, 5), (3, 3), (128256, 1)])
-def test_documented_numpy_vk_decoder_matches(name, V, k):
+def test_documented_numpy_vk_decoder_matches(name, V, k, ordered):
     decode_vk = _doc_decoder("decode_vk")
-    codec = make_codec(name, k, V)
+    order = _random_order(V, 2) if ordered else None
+    codec = make_codec(name, k, V, id_order=order)
     _, ids, lp, res = _rows(V, k)
     rec = codec.encode(ids, lp, res)
-    n_ids, n_lp, n_res = decode_vk(rec.numpy(), codec.describe())
+    n_ids, n_lp, n_res = decode_vk(rec.numpy(), codec.describe(), order)
     d_ids, d_lp, d_res = codec.decode(rec)
     assert np.array_equal(n_ids, d_ids.numpy())
     assert np.allclose(n_lp, d_lp.numpy(), atol=1e-5)
     assert np.allclose(n_res, d_res.numpy(), atol=1e-5) or (k == V and np.isneginf(n_res).all())
+
+
+@pytest.mark.parametrize("V,k,m", [(49152, 48, 50), (1000, 7, 300), (7, 7, 5), (300, 1, 4)])
+def test_sparse_from_logits_matches_float64_softmax(V, k, m):
+    """Top-k in row blocks (50 rows at V = 49,152 cross block edges), residual to ~1e-7 absolute."""
+    g = torch.Generator().manual_seed(V + k)
+    scale = torch.tensor([0.1, 1.0, 3.0, 10.0, 40.0]).repeat(m // 5 + 1)[:m, None]
+    logits = torch.randn(m, V, generator=g) * scale
+    ids, lp, res = sparse_from_logits(logits, k)
+    full = torch.log_softmax(logits.double(), -1)
+    ref_lp, ref_ids = torch.topk(full, k, -1)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=0, atol=1e-5)
+    ref_res = full.scatter(-1, ref_ids, float("-inf")).logsumexp(-1)
+    if k == V:
+        assert torch.isneginf(res).all()
+    else:
+        assert ((res.double().exp() - ref_res.exp()).abs() <= 1e-6).all()
+        assert (torch.isfinite(res) | (ref_res.exp() < 1e-6)).all()
+
+
+# -- vk codecs with a teacher-calibrated id order ------------------------------------------------
+
+def _random_order(V: int, seed: int = 0) -> np.ndarray:
+    return torch.randperm(V, generator=torch.Generator().manual_seed(seed)).numpy().astype(np.int32)
+
+
+@pytest.mark.parametrize("V,k", [(2, 1), (3, 3), (1000, 7), (1000, 1000), (49152, 48), (65537, 5)])
+def test_vk_id_order_round_trip_padding_and_proper_distribution(V, k):
+    codec = make_codec("vk64", k, V, id_order=_random_order(V))
+    assert codec.describe()["layout"] == "variable-k-ordered-v1"
+    full, ids, lp, res = _rows(V, k)
+    _vk_check(codec, full, ids, lp, res)  # exact ids, proper rows, distinct padding outside the row
+
+
+@pytest.mark.parametrize("name", VK)
+def test_vk_random_order_decodes_the_same_distribution_as_no_order(name):
+    """An order changes how ids are coded, not what is kept: rows that keep the same number of
+    entries decode to the same {id: prob} and residual (padding ids differ, their share does not)."""
+    V, k = 49152, 48
+    _, ids, lp, res = _rows(V, k, 60)
+    plain, ordered = make_codec(name, k, V), make_codec(name, k, V, id_order=_random_order(V, 1))
+    r0, r1 = plain.encode(ids, lp, res), ordered.encode(ids, lp, res)
+    n0, n1 = plain.entries(r0), ordered.entries(r1)
+    (i0, l0, s0), (i1, l1, s1) = plain.decode(r0), ordered.decode(r1)
+    same = (n0 == n1).nonzero().flatten().tolist()
+    assert len(same) >= 10
+    for r in same:
+        n = int(n0[r])
+        a, b = i0[r, :n].sort(), i1[r, :n].sort()
+        assert torch.equal(a.values, b.values)
+        assert torch.equal(l0[r, :n][a.indices], l1[r, :n][b.indices])
+        assert torch.equal(l0[r, n:], l1[r, n:]) and s0[r] == s1[r]
+        assert not set(i1[r, n:].tolist()) & set(i1[r, :n].tolist())
+
+
+def test_vk_id_order_to_small_ranks_keeps_more_entries():
+    # Rows whose mass sits on large ids: coded as raw ids they are expensive, as ranks cheap.
+    V, k = 49152, 64
+    g = torch.Generator().manual_seed(0)
+    rows = torch.full((8, V), -30.0)
+    rows[:, -2000:] = torch.randn(8, 2000, generator=g) * 3
+    ids, lp, res = sparse_from_logits(rows, k)
+    order = np.arange(V, dtype=np.int32)[::-1].copy()  # rank r = id V - 1 - r
+    plain, ordered = make_codec("vk64", k, V), make_codec("vk64", k, V, id_order=order)
+    assert (ordered.entries(ordered.encode(ids, lp, res)) > plain.entries(plain.encode(ids, lp, res))).all()
+
+
+def test_id_order_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="only vk codecs"):
+        make_codec("ef6", 4, 1000, id_order=_random_order(1000))
+    with pytest.raises(ValueError, match="only vk codecs"):
+        make_codec("fp16", 4, 1000, id_order=_random_order(1000))
+    with pytest.raises(ValueError, match="permutation"):
+        make_codec("vk64", 4, 1000, id_order=np.zeros(1000, np.int32))
+    with pytest.raises(ValueError, match="permutation"):
+        make_codec("vk64", 4, 1000, id_order=_random_order(999))
+
+
+def test_codec_from_manifest_checks_the_id_order_file(tmp_path):
+    from distill.cache import store
+    from distill.cache.codec import codec_from_manifest
+    from distill.cache.codec_vk import order_from_counts
+    from distill.errors import CacheError
+
+    V = 1000
+    order = order_from_counts(torch.randint(0, 5, (V,), generator=torch.Generator().manual_seed(0)))
+    assert sorted(order.tolist()) == list(range(V))
+    codec = make_codec("vk64", 7, V, id_order=order)
+    rec = store.write_npy_atomic(tmp_path / "id_order.npy", order)
+    desc = codec.describe()
+    assert desc["id_order"] == {"file": "id_order.npy", "sha256": rec["sha256"]}  # describe() hashes the file bytes
+    manifest = {"codec": desc}
+    _, ids, lp, res = _rows(V, 7)
+    again = codec_from_manifest(manifest, tmp_path)
+    assert torch.equal(again.encode(ids, lp, res), codec.encode(ids, lp, res))
+    assert codec_from_manifest({"codec": make_codec("vk64", 7, V).describe()}, tmp_path).id_order is None
+    data = bytearray((tmp_path / "id_order.npy").read_bytes())
+    data[-3] ^= 1
+    (tmp_path / "id_order.npy").write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="id_order.npy: sha256 mismatch"):
+        codec_from_manifest(manifest, tmp_path)
+    with pytest.raises(CacheError, match="layout 'variable-k-v9'"):
+        codec_from_manifest({"codec": desc | {"layout": "variable-k-v9"}}, tmp_path)

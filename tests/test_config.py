@@ -71,6 +71,9 @@ BAD = [
     (lambda d: d.update(cache={"top_k": -3}), "cache.top_k"),
     (lambda d: d.update(cache={"codec": "fp16"}), "cache.top_k"),  # no default k for fp16
     (lambda d: d.update(cache={"codec": "vk65"}), "cache.codec"),
+    (lambda d: d.update(cache={"id_order": "frequency"}), "cache.id_order"),
+    (lambda d: d.update(cache={"codec": "ef6", "top_k": 26, "id_order": "teacher"}), "cache.id_order"),
+    (lambda d: d.update(cache={"id_order_rows": 0}), "cache.id_order_rows"),
     (lambda d: d["teachers"][1].update(name="a"), "teachers[1].name"),
     (lambda d: d.update(loss={"divergence": "hellinger"}), "loss.divergence"),
     (lambda d: d["data"].update(sources=[]), "data.sources"),
@@ -171,3 +174,12 @@ def test_top_k_defaults_to_the_codecs_measured_setting(tmp_path, base):
     assert load_recipe(write(tmp_path, base)).cache.top_k == 128
     base["cache"] = {"codec": "hifi", "top_k": 100}
     assert load_recipe(write(tmp_path, base)).cache.top_k == 100
+
+
+def test_id_order_defaults_to_teacher_for_vk_codecs_only(tmp_path, base):
+    c = load_recipe(write(tmp_path, base)).cache
+    assert (c.id_order, c.id_order_rows) == ("teacher", 1024)
+    base["cache"] = {"codec": "ef6", "top_k": 26}
+    assert load_recipe(write(tmp_path, base)).cache.id_order == "none"
+    base["cache"] = {"codec": "hifi", "id_order": "none"}
+    assert load_recipe(write(tmp_path, base)).cache.id_order == "none"

@@ -32,12 +32,12 @@ def test_loss_decreases_and_student_reloads_identically(cached):
     from transformers import AutoModelForCausalLM
 
     recipe = cached(["train.max_steps=30", "train.lr=1e-2", "train.schedule=constant", "train.log_every_steps=5",
-                     "loss.weighting=route"])
+                     "loss.weighting=route", "train.group_by_length=true"])
     result = run_train(recipe)
     run = Path(recipe.run_dir)
     losses = [h["loss"] for h in _history(run)]
     assert result.steps == 30 and result.stopped_by == "done" and len(losses) == 6
-    assert 0 <= result.padding_fraction < result.padding_fraction_ungrouped  # length grouping is on by default
+    assert 0 <= result.padding_fraction < result.padding_fraction_ungrouped
     assert losses[-1] < 0.7 * losses[0], losses
     assert {"share/ta", "share/tb", "div/ta", "lr", "tokens_per_s"} <= set(_history(run)[0])
     student = AutoModelForCausalLM.from_pretrained(run / "student")

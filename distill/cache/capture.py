@@ -9,6 +9,14 @@ is loaded once and adapters are switched, never merged); for each group, every
 pending shard is run in length-sorted batches and each teacher's rows are written.
 Tokenizers are compared before any weights load, so a mismatched teacher fails fast.
 
+vk codecs code ids as ranks in the first teacher's own order (`cache.id_order: teacher`): before
+the first shard, the main process runs the first group's first teacher over an evenly strided
+subset of the samples (`cache.id_order_rows`), counts how often each id is in its top-128 and
+writes the ids sorted by that count as `<cache>/id_order.npy` (hash in the manifest). That group
+stays loaded and is captured first, so this costs no model load (except when generation left
+another group loaded: always the first teacher, so the order does not depend on what a resumed
+run happened to load); a resumed capture reuses the file.
+
 Prompt-only sources (`generate:`) get their responses first (distill/cache/generate.py),
 stored under `<cache>/generated/`; the group that generated last stays loaded and is
 captured first, so a recipe whose experts share one base loads it once in all.
@@ -27,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 from distill.cache import store
-from distill.cache.codec import make_codec, sparse_from_logits
+from distill.cache.codec import codec_from_manifest, make_codec, sparse_from_logits
+from distill.cache.codec_vk import ID_ORDER_FILE, ID_ORDER_TOP, ORDERED_LAYOUT, id_order_from_topk, order_from_counts
 from distill.cache.generate import run_generation
 from distill.cache.teachers import Active, GroupLoader, groups, teacher_record
 from distill.config import Recipe
@@ -112,7 +121,14 @@ def vocab_size_of(recipe: Recipe) -> int:
 def new_manifest(recipe: Recipe, tok_fp: str, samples: list[Sample], domains: list[str],
                  plan: list[tuple[int, int]], vocab_size: int, summary: str,
                  generation: dict | None = None) -> dict:
-    codec = make_codec(recipe.cache.codec, recipe.cache.top_k, vocab_size)
+    # A top_k above the vocabulary (a toy vocabulary) keeps every token.
+    codec = make_codec(recipe.cache.codec, min(recipe.cache.top_k, vocab_size), vocab_size).describe()
+    ordered = recipe.cache.id_order == "teacher"
+    if ordered:  # the order itself (file hash) is added once computed (ensure_id_order)
+        codec |= {"layout": ORDERED_LAYOUT, "padding": "largest-free-ranks",
+                  "id_order": {"file": ID_ORDER_FILE, "source": "teacher", "teacher": recipe.teachers[0].name,
+                               "samples": len(id_order_samples(samples, recipe.cache.id_order_rows)),
+                               "top": ID_ORDER_TOP}}
     shards = {}
     for i, (a, b) in enumerate(plan):
         shards[store.shard_name(i)] = {
@@ -122,14 +138,14 @@ def new_manifest(recipe: Recipe, tok_fp: str, samples: list[Sample], domains: li
             "files": {},
         }
     return {
-        "format": store.FORMAT, "version": store.VERSION,
+        "format": store.FORMAT, "version": store.ORDERED_VERSION if ordered else store.VERSION,
         "tokenizer": {"fingerprint": tok_fp, "source": recipe.tokenizer or recipe.student.model},
         "data": {"fingerprint": data_fingerprint(samples, domains), "samples": len(samples),
                  "tokens": sum(len(s.input_ids) for s in samples),
                  "targets": sum(sum(s.target_mask) for s in samples), "summary": summary,
                  "max_length": recipe.data.max_length, "mask": recipe.data.mask}
         | ({"generation": generation} if generation else {}),
-        "codec": codec.describe(),
+        "codec": codec,
         "teachers": [teacher_record(t) for t in recipe.teachers],
         "domains": domains,
         "shards": shards,
@@ -141,7 +157,11 @@ _IDENTITY_KEYS = ("tokenizer", "data", "codec", "teachers", "domains")
 
 
 def _identity(m: dict) -> dict:
-    return {k: m[k] for k in _IDENTITY_KEYS} | {"plan": {s: e["samples"] for s, e in m["shards"].items()}}
+    ident = {k: m[k] for k in _IDENTITY_KEYS} | {"plan": {s: e["samples"] for s, e in m["shards"].items()}}
+    if "id_order" in m["codec"]:  # the order's settings are identity; its file record comes later
+        order = {k: v for k, v in m["codec"]["id_order"].items() if k not in ("bytes", "sha256")}
+        ident["codec"] = m["codec"] | {"id_order": order}
+    return ident | {"version": m["version"]}
 
 
 def open_or_create(cache_dir: Path, fresh: dict, rebuild: bool) -> dict:
@@ -180,16 +200,32 @@ def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-                 k: int, row_chunk: int = 2048):
+                 k: int, row_chunk: int = 2048, clock: dict | None = None):
     """Top-k next-token distributions at the selected positions.
 
     input_ids, attention_mask: [B, T]; select: [B, T-1] bool, True where position t's
     prediction (of token t+1) is a target. Returns ids [M, k], logprobs [M, k], log_residual [M]
     in row-major (sample, position) order. The LM head runs only on selected rows.
+    clock: if given, seconds are added to clock["forward"] (decoder + LM head) and
+    clock["topk"] (the top-k and tail mass), synchronising CUDA around each part.
     """
+    sync = torch.cuda.synchronize if input_ids.is_cuda and clock is not None else (lambda: None)
+    clock = {} if clock is None else clock
+    tick = time.perf_counter()
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     h = hidden[:, :-1][select]
-    parts = [sparse_from_logits(_head_logits(model, h[i:i + row_chunk]), k) for i in range(0, len(h), row_chunk)]
+    parts = []
+    for i in range(0, len(h), row_chunk):
+        logits = _head_logits(model, h[i:i + row_chunk])
+        sync()
+        mid = time.perf_counter()
+        parts.append(sparse_from_logits(logits, k))
+        sync()
+        clock["forward"] = clock.get("forward", 0.0) + mid - tick
+        tick = time.perf_counter()
+        clock["topk"] = clock.get("topk", 0.0) + tick - mid
+    if not parts:
+        return sparse_from_logits(_head_logits(model, h), k)
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -218,20 +254,52 @@ def shard_rows(model, samples: list[Sample], codec, batch_size: int, pad_id: int
     per_sample: list[np.ndarray | None] = [None] * len(samples)
     for idx in _batches(samples, batch_size):
         ids, attn, select = _pad(samples, idx, pad_id, device)
-        t0 = time.perf_counter()
-        top_ids, top_lp, res = teacher_topk(model, ids, attn, select, codec.k)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
+        clock: dict[str, float] = {}
+        top_ids, top_lp, res = teacher_topk(model, ids, attn, select, codec.k, clock=clock)
         t1 = time.perf_counter()
         records = codec.encode(top_ids, top_lp, res).cpu().numpy()
-        report.encode_s += time.perf_counter() - t1
-        report.forward_s += t1 - t0
+        # The top-k counts as capture overhead, not as the teacher's forward (DESIGN.md section 6).
+        report.encode_s += clock.get("topk", 0.0) + time.perf_counter() - t1
+        report.forward_s += clock.get("forward", 0.0)
         counts = select.sum(dim=1).tolist()
         start = 0
         for r, i in enumerate(idx):
             per_sample[i] = records[start:start + counts[r]]
             start += counts[r]
     return np.concatenate(per_sample) if per_sample else np.zeros((0, codec.record_bytes), np.uint8)
+
+
+def id_order_samples(samples: list[Sample], n: int) -> list[int]:
+    """Up to n sample indices, evenly strided over the data (deterministic)."""
+    n = min(n, len(samples))
+    return [i * len(samples) // n for i in range(n)]
+
+
+def ensure_id_order(recipe: Recipe, cache_dir: Path, samples: list[Sample], loader: GroupLoader, pad_id: int,
+                    vocab_size: int, device, report: CaptureReport) -> None:
+    """Main process: compute and record the cache's id order unless the manifest already has one.
+
+    The first group's first teacher (its adapter active) over the calibration samples' target
+    rows: each id's count is the rows whose top-128 hold it; ids by (-count, id). A resumed
+    capture keeps the recorded file (codec_from_manifest checks its hash), never recomputes it."""
+    if "sha256" in store.read_manifest(cache_dir)["codec"]["id_order"]:
+        return
+    t0 = time.perf_counter()
+    group = groups(recipe.teachers)[0]
+    model = loader.get(group)
+    cal = [samples[i] for i in id_order_samples(samples, recipe.cache.id_order_rows)]
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    with Active(model, group[0]) as m:
+        for idx in _batches(cal, recipe.cache.batch_size):
+            ids, attn, select = _pad(cal, idx, pad_id, device)
+            top_ids, _, _ = teacher_topk(m, ids, attn, select, min(ID_ORDER_TOP, vocab_size))
+            counts = id_order_from_topk(top_ids, vocab_size, counts)
+    rec = store.write_npy_atomic(cache_dir / ID_ORDER_FILE, order_from_counts(counts))
+    with store.locked(cache_dir):
+        manifest = store.read_manifest(cache_dir)
+        manifest["codec"]["id_order"] |= rec
+        store.write_json_atomic(cache_dir / "manifest.json", manifest)
+    report.extra["id_order_s"] = time.perf_counter() - t0
 
 
 def write_tokens(shard_dir: Path, samples: list[Sample], domains: list[str]) -> dict[str, dict]:
@@ -279,8 +347,11 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
     if main:
         open_or_create(cache_dir, fresh, recipe.cache.rebuild)
     barrier()
+    if main and recipe.cache.id_order == "teacher":
+        ensure_id_order(recipe, cache_dir, samples, loader, tok.pad_token_id, vocab_size, device, report)
+    barrier()  # the other ranks read the order the main process wrote
     manifest = store.read_manifest(cache_dir)
-    codec = make_codec(recipe.cache.codec, recipe.cache.top_k, vocab_size)
+    codec = codec_from_manifest(manifest, cache_dir)
     mine = [name for i, name in enumerate(sorted(manifest["shards"])) if i % world == rank]
 
     # Tokens first: they are cheap and let a reader see the data even mid-capture.

@@ -17,6 +17,9 @@ Codecs (byte layouts in docs/cache_codec.md, measurements in docs/benchmarks.md)
     vk64, vk128, vk198  fixed 64 / 128 / 198-byte records keeping as many of the row's top
               entries as fit, up to k (distill/cache/codec_vk.py). `default` is vk64, `hifi` vk198.
 
+A vk codec may code ids as ranks in a teacher-calibrated id order (`make_codec(..., id_order=)`,
+stored in the cache as id_order.npy); readers build the codec with `codec_from_manifest`.
+
 Records are fixed-size, so a cache stays sliceable; k comes from the recipe (`cache.top_k`).
 For ef/fp16 the size follows from (codec, k, V) (ef6 with k = 26 is 64 bytes at V = 49,152);
 for vk codecs it is the name's, and k is the most entries a row keeps (48 suits vk64, 128 vk198).
@@ -24,27 +27,56 @@ for vk codecs it is the name's, and k is the most entries a row keeps (48 suits 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Union
 
+import numpy as np
 import torch
 
-from distill.cache.codec_vk import VarKCodec
+from distill.cache.codec_vk import LAYOUT as VK_LAYOUT
+from distill.cache.codec_vk import ORDERED_LAYOUT, VarKCodec
+from distill.cache.store import sha256_file
+from distill.errors import CacheError
+
+
+# Rows are processed in blocks of at most this many logits (2 MiB in fp32) so that each pass
+# over a block stays in cache; a whole [2048, V] chunk (400 MB at V = 49,152) would stream
+# from memory on every pass (bench/capture_bench.py).
+TOPK_BLOCK_ELEMENTS = 1 << 19
 
 
 def sparse_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of a distribution given as logits.
 
     logits: [M, V] (any float dtype). Returns ids [M, k] int64, logprobs [M, k] fp32,
-    log_residual [M] fp32 = log of the probability mass outside the top-k (-inf when k == V).
+    log_residual [M] fp32 = log of the probability mass outside the top-k (-inf when k == V,
+    or when the tail is below float rounding: about 1e-7 of the mass).
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    k = min(k, logprobs.shape[-1])
-    top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
-    rest = logprobs.scatter(-1, top_ids, float("-inf"))
-    log_residual = torch.logsumexp(rest, dim=-1)
-    return top_ids, top_lp, log_residual
+    M, V = logits.shape
+    k = min(k, V)
+    rows = max(1, TOPK_BLOCK_ELEMENTS // V) if logits.device.type == "cpu" else max(M, 1)
+    parts = [_sparse_block(logits[i:i + rows], k) for i in range(0, M, rows)] or [_sparse_block(logits, k)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _sparse_block(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Top-k, then one fused logsumexp of the logits shifted by their max (the top-1): no
+    # log_softmax copy and no scattered copy for the tail, which read and write [M, V] more.
+    x = logits.float()
+    top, ids = torch.topk(x, k, dim=-1)
+    d = top - top[:, :1]  # log-probs relative to the top-1, <= 0
+    log_s = torch.logsumexp(x - top[:, :1], dim=-1)  # log sum_v p_v / p_top >= 0
+    top_lp = d - log_s.unsqueeze(-1)
+    if k == x.shape[-1]:
+        return ids, top_lp, torch.full_like(log_s, float("-inf"))
+    # Tail = 1 - (top-k sum) / (total sum), in float64. log_s is small exactly when the tail is
+    # (a peaked row), and a float near 0 is precise, so tiny tails keep their precision.
+    s = torch.exp(log_s.double())
+    tail = (s - torch.exp(d.double()).sum(-1)) / s
+    return ids, top_lp, torch.log(tail.clamp(min=0)).float()
 
 
 def normalize_sparse(logprobs: torch.Tensor, log_residual: torch.Tensor) -> torch.Tensor:
@@ -354,7 +386,43 @@ DEFAULT_TOP_K: dict[str, int] = {"default": 48, "hifi": 128, "vk64": 48, "vk128"
                                  "ef6": 26, "ef7": 86}
 
 
-def make_codec(name: str, k: int, vocab_size: int) -> Codec:
+def make_codec(name: str, k: int, vocab_size: int, id_order=None) -> Codec:
+    """The codec `name` at (k, V). id_order (vk codecs only): a permutation of range(V) whose
+    ranks are coded instead of the raw ids (codec_vk.py). ef codecs store an id *set* sorted by
+    id and fp16 stores ids verbatim, so an order would buy them nothing: they refuse one."""
     if name not in CODECS:
         raise KeyError(name)
-    return CODECS[name](k, vocab_size)
+    codec = CODECS[name](k, vocab_size)
+    if id_order is not None:
+        if not isinstance(codec, VarKCodec):
+            raise ValueError(f"{name}: only vk codecs take an id_order")
+        codec = dataclasses.replace(codec, id_order=id_order)
+    return codec
+
+
+def codec_from_manifest(manifest: dict, cache_dir) -> Codec:
+    """The codec a cache was written with, built from its manifest (never from the recipe).
+
+    An ordered vk cache names its id order file and sha256 under codec.id_order; the file is
+    loaded and its hash checked, so a stale or corrupt order (which would decode every row to
+    wrong ids without any error) is refused, naming the file."""
+    c = manifest["codec"]
+    layout = c.get("layout")
+    if layout not in (None, VK_LAYOUT, ORDERED_LAYOUT, "elias-fano-v1"):
+        raise CacheError(f"{cache_dir}: codec layout {layout!r} is unknown to this version of distill")
+    if layout != ORDERED_LAYOUT:
+        return make_codec(c["name"], c["k"], c["vocab_size"])
+    rec = c.get("id_order") or {}
+    if not rec.get("sha256"):
+        raise CacheError(f"{cache_dir}: the manifest has no id order hash (capture interrupted before the "
+                         "order was written?); rerun `distill cache`")
+    path = Path(cache_dir) / rec["file"]
+    if not path.is_file():
+        raise CacheError(f"{path}: missing id order file")
+    if sha256_file(path) != rec["sha256"]:
+        raise CacheError(f"{path}: sha256 mismatch (corrupt or replaced id order file)")
+    order = np.load(path, allow_pickle=False)
+    try:
+        return make_codec(c["name"], c["k"], c["vocab_size"], id_order=order)
+    except ValueError as exc:
+        raise CacheError(f"{path}: {exc}") from None

@@ -15,14 +15,49 @@ Decoding gives fixed-shape [M, k] tensors: entries k_row..k-1 are padding, the l
 not in the row, each holding the uniform share R / (V - k_row) of the residual R, and the
 returned residual is R (V - k) / (V - k_row). The padded row is then exactly "top-k_row +
 R spread uniformly over the other V - k_row ids", proper, and the loss needs no change.
+
+With an `id_order` (a permutation of range(V), id_order[r] = the id of rank r), ids are coded
+as their ranks in that order instead of as raw ids: the rank is what the record stores and
+what ties and padding are decided on, and decoding maps ranks back with id_order[rank]. Capture
+builds the order from the teacher itself (ids by how often they are in its top-128 over a
+calibration sample, distill/cache/capture.py), so the ids a row keeps are small numbers and
+cheap to code: ~1.65 bits an id less, ~12% more entries at the same bytes (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
+import numpy as np
 import torch
+
+LAYOUT = "variable-k-v1"
+ORDERED_LAYOUT = "variable-k-ordered-v1"  # ids coded as ranks in a teacher-calibrated order
+ID_ORDER_FILE = "id_order.npy"  # the order in a cache directory: int32 [V], named in the manifest
+ID_ORDER_TOP = 128  # an id's calibration count: the rows whose top-128 hold it
+
+
+def id_order_from_topk(top_ids: torch.Tensor, vocab_size: int, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Count top-ID_ORDER_TOP membership: top_ids [M, >= 1] (descending probability) -> counts [V] int64,
+    added to `counts` when given (so calibration can run batch by batch)."""
+    c = torch.bincount(top_ids[:, :ID_ORDER_TOP].reshape(-1).cpu(), minlength=vocab_size)
+    return c if counts is None else counts + c
+
+
+def order_from_counts(counts: torch.Tensor) -> np.ndarray:
+    """Ids sorted by descending count, ties by ascending id: int32 [V], order[rank] = id."""
+    return torch.sort(-counts.to(torch.int64), stable=True).indices.numpy().astype(np.int32)
+
+
+def id_order_sha256(order: np.ndarray) -> str:
+    """sha256 of the order as written to ID_ORDER_FILE (np.save of int32 [V]: the file's hash)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(np.asarray(order, dtype=np.int32)), allow_pickle=False)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 def _bit_length(x: torch.Tensor) -> torch.Tensor:
     """Bit length of ints in [1, 2**24) as int32: the float32 exponent (exact below 2**24)."""
@@ -92,6 +127,9 @@ class VarKCodec:
     budget: int  # record_bytes
     value_bits: int
     name: str
+    # Permutation of range(V) (order[rank] = id) or None (ranks are the raw ids). Not compared:
+    # describe() carries its hash.
+    id_order: Optional[object] = field(default=None, compare=False, repr=False)
 
     GAMMA = 0.35  # compander exponent (bench: 0.2..0.5 within 0.0005 TVD)
     LO_RANGE = 24.0  # relative log-probs below -24 are raised to -24 (fixed range, no per-row field)
@@ -110,6 +148,24 @@ class VarKCodec:
                          for r in range(1 << self.ID_ORDER_BITS))
         if self.header_bits + worst_top1 > 8 * self.budget:
             raise ValueError(f"{self.name}: {self.budget} bytes cannot hold one entry at V={self.vocab_size}")
+        if self.id_order is not None:
+            order = torch.as_tensor(np.asarray(self.id_order), dtype=torch.int64).reshape(-1)
+            if len(order) != self.vocab_size or not torch.equal(torch.sort(order).values,
+                                                                   torch.arange(self.vocab_size)):
+                raise ValueError(f"{self.name}: id_order must be a permutation of range({self.vocab_size})")
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(self.vocab_size)
+            # Per-device copies of (order, rank of each id), made on first use.
+            object.__setattr__(self, "_maps", {order.device: (order, rank)})
+            object.__setattr__(self, "_sha256", id_order_sha256(order.numpy()))
+
+    def _map(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, rank): order[rank] = id, rank[id] = rank, on `device`."""
+        maps = self._maps
+        device = torch.device(device)
+        if device not in maps:
+            maps[device] = tuple(t.to(device) for t in maps[torch.device("cpu")])
+        return maps[device]
 
     @property
     def count_bits(self) -> int:
@@ -132,6 +188,8 @@ class VarKCodec:
         """
         self._check(ids, logprobs, log_residual)
         M, k, dev = ids.shape[0], self.k, ids.device
+        if self.id_order is not None:
+            ids = self._map(dev)[1][ids.to(torch.int64)]  # from here on, "ids" are ranks in the order
         # Canonical rank order (descending log-prob, ties by ascending id): records depend on the set only.
         sid, by_id = torch.sort(ids.to(torch.int64), dim=-1)
         if k > 1 and bool((sid[:, 1:] == sid[:, :-1]).any()):
@@ -251,7 +309,8 @@ class VarKCodec:
         log_r = torch.where(full, float("-inf"), torch.log(r))
         keep = torch.where(full, 0.0, torch.log1p(-r))
         lp = d - torch.logsumexp(d, -1, keepdim=True) + keep.unsqueeze(-1)
-        # Padding: the uniform share of R on the largest ids not in the row; the residual shrinks to match.
+        # Padding: the uniform share of R on the largest ids (ranks, with an order) not in the row;
+        # the residual shrinks to match.
         spread = torch.log((V - k_row).clamp(min=1).float())
         lp = torch.where(stored, lp, (log_r - spread).unsqueeze(-1))
         ids = torch.where(stored, ids, self._pad_ids(ids, stored, k_row))
@@ -259,6 +318,8 @@ class VarKCodec:
             res = torch.full((M,), float("-inf"), device=dev)
         else:
             res = log_r + math.log(V - k) - spread
+        if self.id_order is not None:
+            ids = self._map(dev)[0][ids]  # ranks -> ids; the padding ranks map to distinct non-members
         return ids, lp, res
 
     def entries(self, records: torch.Tensor) -> torch.Tensor:
@@ -305,8 +366,13 @@ class VarKCodec:
             raise ValueError(f"{self.name}: NaN in log-probabilities")
 
     def describe(self) -> dict:
-        return {"name": self.name, "k": self.k, "vocab_size": self.vocab_size,
-                "record_bytes": self.record_bytes, "layout": "variable-k-v1", "value_bits": self.value_bits,
-                "gamma": self.GAMMA, "lo_range": self.LO_RANGE, "residual_bits": self.RESIDUAL_BITS,
-                "count_bits": self.count_bits, "id_order_bits": self.ID_ORDER_BITS,
-                "value_order_bits": self.VALUE_ORDER_BITS, "padding": "largest-free-ids"}
+        d = {"name": self.name, "k": self.k, "vocab_size": self.vocab_size,
+             "record_bytes": self.record_bytes, "layout": LAYOUT, "value_bits": self.value_bits,
+             "gamma": self.GAMMA, "lo_range": self.LO_RANGE, "residual_bits": self.RESIDUAL_BITS,
+             "count_bits": self.count_bits, "id_order_bits": self.ID_ORDER_BITS,
+             "value_order_bits": self.VALUE_ORDER_BITS, "padding": "largest-free-ids"}
+        if self.id_order is not None:
+            # A distinct layout: a reader that knows only variable-k-v1 must not take ranks for ids.
+            d |= {"layout": ORDERED_LAYOUT, "padding": "largest-free-ranks",
+                  "id_order": {"file": ID_ORDER_FILE, "sha256": self._sha256}}
+        return d

@@ -3,6 +3,7 @@
 Layout of a cache directory (documented for users in README.md "Cache format"):
 
     manifest.json              written last, atomically, after every completed file
+    id_order.npy               int32  [V]  vk codecs with an id order: order[rank] = id (codec.id_order)
     shard-00000/
         input_ids.npy          int32  [n_tokens]        the shard's samples, concatenated
         target_mask.npy        uint8  [n_tokens]        1 where the token is a distillation target
@@ -37,6 +38,10 @@ from distill.errors import CacheError
 
 FORMAT = "distill-cache"
 VERSION = 1
+# A cache whose vk records code ids as ranks in a stored id order (codec.id_order) is written as v2,
+# so that a reader from before id orders refuses it instead of decoding ranks as ids.
+ORDERED_VERSION = 2
+READABLE_VERSIONS = (VERSION, ORDERED_VERSION)
 TOKEN_FILES = ("input_ids.npy", "target_mask.npy", "sample_offsets.npy", "row_offsets.npy", "domains.npy")
 
 
@@ -97,8 +102,8 @@ def read_manifest(cache_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise CacheError(f"{path}: manifest is not valid JSON (corrupt cache; rerun `distill cache`)") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CacheError(f"{path}: not a {FORMAT} v{VERSION} manifest "
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+        raise CacheError(f"{path}: not a {FORMAT} v{'/v'.join(map(str, READABLE_VERSIONS))} manifest "
                          f"(found {manifest.get('format')!r} v{manifest.get('version')!r})")
     return manifest
 
@@ -166,18 +171,30 @@ class CacheReader:
     def __len__(self) -> int:
         return self.n_samples
 
+    def codec(self):
+        """The codec the records were written with (and its id order, hash-checked)."""
+        from distill.cache.codec import codec_from_manifest  # local import: codec imports this module
+
+        return codec_from_manifest(self.manifest, self.dir)
+
     def verify(self, full: bool = True) -> None:
         """Check every file's size (and sha256 when `full`); raise CacheError naming the first bad file."""
-        for shard, entry in sorted(self.manifest["shards"].items()):
-            for fname, rec in sorted(entry["files"].items()):
-                path = self.dir / shard / fname
-                if not path.is_file():
-                    raise CacheError(f"{path}: missing cache file")
-                size = path.stat().st_size
-                if size != rec["bytes"]:
-                    raise CacheError(f"{path}: size {size} != {rec['bytes']} in manifest (truncated or corrupt)")
-                if full and sha256_file(path) != rec["sha256"]:
-                    raise CacheError(f"{path}: sha256 mismatch (corrupt shard file)")
+        files = [(shard, fname, rec) for shard, entry in sorted(self.manifest["shards"].items())
+                 for fname, rec in sorted(entry["files"].items())]
+        order = self.manifest["codec"].get("id_order")  # vk codecs: the id order records are coded in
+        if order is not None:
+            if "sha256" not in order:
+                raise CacheError(f"{self.dir / order['file']}: id order missing from the manifest")
+            files.insert(0, ("", order["file"], order))
+        for shard, fname, rec in files:
+            path = self.dir / shard / fname
+            if not path.is_file():
+                raise CacheError(f"{path}: missing cache file")
+            size = path.stat().st_size
+            if size != rec["bytes"]:
+                raise CacheError(f"{path}: size {size} != {rec['bytes']} in manifest (truncated or corrupt)")
+            if full and sha256_file(path) != rec["sha256"]:
+                raise CacheError(f"{path}: sha256 mismatch (corrupt shard file)")
 
     def _locate(self, i: int) -> tuple[_Shard, int]:
         if not 0 <= i < self.n_samples:
