@@ -178,7 +178,7 @@ def test_top_k_defaults_to_the_codecs_measured_setting(tmp_path, base):
 
 def test_id_order_defaults_to_teacher_for_vk_codecs_only(tmp_path, base):
     c = load_recipe(write(tmp_path, base)).cache
-    assert (c.id_order, c.id_order_rows) == ("teacher", 1024)
+    assert (c.id_order, c.id_order_rows) == ("teacher", 256)
     base["cache"] = {"codec": "ef6", "top_k": 26}
     assert load_recipe(write(tmp_path, base)).cache.id_order == "none"
     base["cache"] = {"codec": "hifi", "id_order": "none"}
