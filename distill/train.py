@@ -282,6 +282,8 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     teacher_w = [tt.weight for tt in recipe.teachers]
     teacher_dom = [tt.domains for tt in recipe.teachers]
     history = run_dir / "train_log.jsonl"
+    if resume and acc.is_main_process:
+        _truncate_history(history, step)
     bar = tqdm(total=planned, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
     stopped_by, last_loss = "done", None
     window = _new_window()
@@ -368,6 +370,16 @@ def _micro_step(acc, wrapped, batch: dict, codec, teacher_w, teacher_dom, domain
     return {"loss_sum": loss_sum, "loss": loss_sum.reshape(1),
             "tokens": torch.tensor([float(out["n_tokens"])], device=dev),
             "div": out["div"].detach().float(), "share": out["share"].detach().float()}
+
+
+def _truncate_history(history: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from: a killed run logged steps it will redo."""
+    if not history.exists():
+        return
+    lines = [x for x in history.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+    tmp = history.with_name(history.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in lines))
+    os.replace(tmp, history)
 
 
 def _new_window() -> dict:

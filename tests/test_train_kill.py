@@ -84,6 +84,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_world, tmp_path):
     assert f"resumed from {last} at step {last_step}" in out, out[-3000:]
     assert not list(root.glob("*.tmp"))
     assert json.loads((killed / "train_result.json").read_text())["steps"] == train["max_steps"]
+    # The log holds each step once (steps the killed run logged past its checkpoint were dropped),
+    # and the resumed run's losses are the uninterrupted run's.
+    logged = [json.loads(x) for x in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in logged] == list(range(1, train["max_steps"] + 1))
+    reference = [json.loads(x) for x in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    for a, b in zip(logged, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a, b)
 
     straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
     again = load_file(killed / "student" / "model.safetensors")
