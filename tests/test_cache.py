@@ -81,18 +81,24 @@ def test_rerun_is_a_no_op_and_partial_capture_resumes_identically(tiny_world, tm
     assert _digest(cache_dir) == before
 
 
-def test_flipped_byte_is_detected_and_named(tiny_world, tmp_path, capsys):
-    recipe, _ = _capture(tiny_world, tmp_path)
-    cache_dir = Path(recipe.cache.dir)
-    target = sorted(cache_dir.glob("shard-*/teacher-ta.npy"))[0]
+def _flip_byte_and_verify(target: Path, run: Path, capsys) -> bytearray:
+    """Flip one byte of `target`; `distill cache verify` must exit 2 naming the file. Returns the new bytes."""
     data = bytearray(target.read_bytes())
     data[-5] ^= 0x01
     target.write_bytes(bytes(data))
     with pytest.raises(SystemExit) as e:
-        main(["cache", "verify", str(tmp_path / "run")])
+        main(["cache", "verify", str(run)])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert str(target) in err and "sha256" in err
+    return data
+
+
+def test_flipped_byte_is_detected_and_named(tiny_world, tmp_path, capsys):
+    recipe, _ = _capture(tiny_world, tmp_path)
+    cache_dir = Path(recipe.cache.dir)
+    target = sorted(cache_dir.glob("shard-*/teacher-ta.npy"))[0]
+    data = _flip_byte_and_verify(target, tmp_path / "run", capsys)
     target.write_bytes(bytes(data[:-7]))  # truncated: caught even by the fast size check
     with pytest.raises(CacheError, match="teacher-ta.npy: size"):
         store.CacheReader(cache_dir)
@@ -105,14 +111,7 @@ def test_flipped_byte_in_id_order_is_detected_and_named(tiny_world, tmp_path, ca
     target = cache_dir / "id_order.npy"
     reader = store.CacheReader(cache_dir)
     assert reader.codec().describe()["layout"] == "variable-k-ordered-v1"
-    data = bytearray(target.read_bytes())
-    data[-5] ^= 0x01
-    target.write_bytes(bytes(data))
-    with pytest.raises(SystemExit) as e:
-        main(["cache", "verify", str(tmp_path / "run")])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert str(target) in err and "sha256" in err
+    _flip_byte_and_verify(target, tmp_path / "run", capsys)
     with pytest.raises(CacheError, match="id_order.npy: sha256 mismatch"):
         reader.codec()
 
