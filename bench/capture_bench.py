@@ -54,6 +54,7 @@ from distill.cache.capture import run_capture  # noqa: E402
 from distill.cache.codec import DEFAULT_TOP_K, make_codec, sparse_from_logits  # noqa: E402
 from distill.config import load_recipe  # noqa: E402
 from distill.data import load_samples  # noqa: E402
+from distill.logits import model_logits  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 
 
@@ -115,7 +116,7 @@ def bare_pass(model, samples, codec, batch_size: int, pad_id: int, row_chunk: in
             # What teacher_topk runs before sparse_from_logits: the decoder, then the head on target rows.
             hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
             h = hidden[:, :-1][select]
-            return [capture._head_logits(model, h[i:i + row_chunk]) for i in range(0, len(h), row_chunk)]
+            return [model_logits(model, h[i:i + row_chunk]) for i in range(0, len(h), row_chunk)]
 
         chunks = clock.run("forward", forward)
         parts = clock.run("topk", lambda: [sparse_from_logits(c, codec.k) for c in chunks])

@@ -22,7 +22,8 @@ from distill.errors import ConfigError
 from distill.schema import build, to_dict
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
-Weighting = Literal["fixed", "route", "min_ce", "soft_ce"]
+# "min_ce" is the pre-split name, kept only so that validate() can say what replaced it.
+Weighting = Literal["fixed", "route", "min_ce_sequence", "min_ce_token", "soft_ce", "min_ce"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -126,7 +127,7 @@ class LossConfig:
     beta: float = 0.5  # generalized JSD mixing weight, in (0, 1)
     skew_alpha: float = 0.1  # skew KL mixing weight, in (0, 1)
     ce_weight: float = 0.0  # mix in plain cross-entropy on the data tokens, in [0, 1)
-    weighting: Weighting = "fixed"  # fixed | route (domain tags) | min_ce | soft_ce
+    weighting: Weighting = "fixed"  # fixed | route (domain tags) | min_ce_sequence | min_ce_token | soft_ce
     weighting_temperature: float = 1.0  # for soft_ce
     chunk_size: int = 1024  # tokens per LM-head chunk
 
@@ -384,6 +385,9 @@ def validate(r: Recipe) -> None:
     _require(0 <= lo.ce_weight < 1, "loss.ce_weight", f"must be in [0, 1), got {lo.ce_weight}")
     _require(lo.weighting_temperature > 0, "loss.weighting_temperature", "must be > 0")
     _require(lo.chunk_size > 0, "loss.chunk_size", f"must be > 0, got {lo.chunk_size}")
+    _require(lo.weighting != "min_ce", "loss.weighting",
+             "'min_ce' is now two weightings: min_ce_sequence (FuseLLM's MinCE: per sample, the teacher with the "
+             "lowest cross-entropy over the sequence) or min_ce_token (per gold token); pick one")
     if lo.weighting == "route":
         # A teacher with no domains serves every domain; a sample with no tag is served by all.
         served = {dom for t in r.teachers for dom in t.domains}

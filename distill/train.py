@@ -34,6 +34,7 @@ from distill.cache.store import CacheReader
 from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
 from distill.errors import DistillError
+from distill.logits import logit_transform
 from distill.loss import TeacherSignal, distill_loss, example_weights
 from distill.models import check_param_limit, load_model, load_tokenizer, save_pretrained, tokenizer_fingerprint
 
@@ -46,6 +47,7 @@ class StudentWithLoss(torch.nn.Module):
         self.student = student
         self.loss_cfg = loss_cfg
         self.config = student.config  # DeepSpeed's "auto" bucket sizes are read from model.config.hidden_size
+        self.logit_transform = logit_transform(student)  # what the student does after its head (Gemma 2 softcap...)
 
     def forward(self, input_ids, attention_mask, select, targets, signal: TeacherSignal, token_weights):
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
@@ -53,8 +55,10 @@ class StudentWithLoss(torch.nn.Module):
         # hidden[:, t] predicts token t+1; keep only positions whose next token is a target.
         hidden = out.hidden_states[-1][:, :-1][select]
         head = self.student.get_output_embeddings()
+        # Each selected row's sample, in hidden's order (the batch's row_sample): min_ce_sequence ranks per sample.
+        row_sample = torch.arange(select.shape[0], device=select.device)[:, None].expand_as(select)[select]
         res = distill_loss(hidden, head.weight, getattr(head, "bias", None), signal, targets, token_weights,
-                           self.loss_cfg)
+                           self.loss_cfg, logit_transform=self.logit_transform, sequence_index=row_sample)
         return {"loss_sum": res.loss_sum, "n_tokens": res.n_tokens, "div": res.teacher_div_sums,
                 "share": res.teacher_weight_sums, "ce": res.ce_sum}
 

@@ -52,16 +52,37 @@ def teacher_bins(logprobs: torch.Tensor, log_residual: torch.Tensor, vocab: int,
     return bins / bins.sum(-1, keepdim=True)
 
 
-def shares(token_weights, ids, logprobs, log_residual, targets, vocab, weighting, tau):
+def gold_ce(ids, logprobs, log_residual, targets, vocab):
+    """[N, M] each teacher's CE on the gold token: -log p(g) in the top-k, else the uniform tail -log(R / (V - k))."""
+    k = ids.shape[-1]
+    hit = ids == targets.clamp_min(0)[None, :, None]
+    ce_top = -(logprobs * hit).sum(-1)
+    ce_tail = -(log_residual - math.log(vocab - k)) if k < vocab else torch.full_like(log_residual, math.inf)
+    return torch.where(hit.any(-1), ce_top, ce_tail)
+
+
+def sequence_ce(ce, sequence_index, valid):
+    """[N, M]: a plain Python sum of each teacher's gold CE over the valid tokens of each token's sequence."""
+    out = torch.empty_like(ce, dtype=torch.float64)
+    seqs = sequence_index.tolist()
+    for i in range(ce.shape[0]):
+        total = {}
+        for t, sq in enumerate(seqs):
+            if bool(valid[t]):
+                total[sq] = total.get(sq, 0.0) + float(ce[i, t])
+        for t, sq in enumerate(seqs):
+            out[i, t] = total.get(sq, 0.0)
+    return out
+
+
+def shares(token_weights, ids, logprobs, log_residual, targets, vocab, weighting, tau, sequence_index=None):
     """[N, M] per-token teacher shares (see distill/loss/weighting.py's docstring)."""
     w = token_weights.clone()
-    k = ids.shape[-1]
-    if weighting in ("min_ce", "soft_ce"):
-        hit = ids == targets.clamp_min(0)[None, :, None]
-        ce_top = -(logprobs * hit).sum(-1)
-        ce_tail = -(log_residual - math.log(vocab - k)) if k < vocab else torch.full_like(log_residual, math.inf)
-        ce = torch.where(hit.any(-1), ce_top, ce_tail)
-        if weighting == "min_ce":
+    if weighting in ("min_ce_token", "min_ce_sequence", "soft_ce"):
+        ce = gold_ce(ids, logprobs, log_residual, targets, vocab)
+        if weighting == "min_ce_sequence":
+            ce = sequence_ce(ce, sequence_index, targets != IGNORE)
+        if weighting != "soft_ce":
             ce_served = ce.masked_fill(w <= 0, math.inf)
             winners = ce_served == ce_served.min(0, keepdim=True).values
             w = w * winners
@@ -73,19 +94,27 @@ def shares(token_weights, ids, logprobs, log_residual, targets, vocab, weighting
     return torch.where(total > 0, w / total.clamp_min(1e-300), torch.zeros_like(w))
 
 
-def dense_loss(hidden, weight, bias, ids, logprobs, log_residual, targets, token_weights, cfg):
+def model_logits(z, scale=1.0, softcap=None):
+    """A family's transform of the head output z, as its modeling file writes it."""
+    z = z * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def dense_loss(hidden, weight, bias, ids, logprobs, log_residual, targets, token_weights, cfg, scale=1.0,
+               softcap=None, sequence_index=None):
     """Returns (loss_sum, n_tokens, teacher_div_sums [N], teacher_weight_sums [N], ce_sum)."""
     vocab = weight.shape[0]
     T = cfg.temperature
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
+    logits = model_logits(logits, scale, softcap)
     valid = targets != IGNORE
     q = torch.softmax(logits / T, dim=-1)
     ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
     with torch.no_grad():
         a = shares(token_weights, ids, logprobs, log_residual, targets, vocab, cfg.weighting,
-                   cfg.weighting_temperature) * valid
+                   cfg.weighting_temperature, sequence_index) * valid
         p_bins = teacher_bins(logprobs, log_residual, vocab, T)
     loss = cfg.ce_weight * ce.sum()
     divs = []

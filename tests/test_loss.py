@@ -9,22 +9,28 @@ import torch
 from loss_reference import IGNORE, dense_loss, random_case
 
 from distill.config import LossConfig
+from distill.logits import LogitTransform
 from distill.loss import DIVERGENCES, WEIGHTINGS, TeacherSignal, distill_loss, example_weights
 
 DOMAINS = [["math"], ["code"], []]  # the third teacher is a generalist
 SAMPLE_DOMAINS = ["math", "code", None, "math"]
 
 
+def _sample_of_token(case):
+    """The sample (of 4, contiguous token spans) each token belongs to: [M]."""
+    m = case["ids"].shape[1]
+    return torch.arange(m) * len(SAMPLE_DOMAINS) // m
+
+
 def _token_weights(case, weighting, teacher_weights=(1.0, 2.0, 0.5)):
     """Per-example weights (4 samples, contiguous token spans) expanded to tokens."""
-    n, m = case["ids"].shape[:2]
+    n = case["ids"].shape[0]
     per_example = example_weights(list(teacher_weights[:n]), DOMAINS[:n], SAMPLE_DOMAINS, weighting)
-    sample_of_token = torch.arange(m) * len(SAMPLE_DOMAINS) // m
-    return per_example[:, sample_of_token].to(case["hidden"].dtype)
+    return per_example[:, _sample_of_token(case)].to(case["hidden"].dtype)
 
 
-def _run_both(case, cfg, token_weights):
-    """Chunked and dense results with gradients for hidden, weight and bias."""
+def _run_both(case, cfg, token_weights, scale=1.0, softcap=None):
+    """Chunked and dense results with gradients for hidden, weight and bias (logits: scale, then softcap)."""
     results = []
     for fn in ("chunked", "dense"):
         leaves = {k: case[k].clone().requires_grad_(True) for k in ("hidden", "weight")}
@@ -32,19 +38,21 @@ def _run_both(case, cfg, token_weights):
         if fn == "chunked":
             out = distill_loss(leaves["hidden"], leaves["weight"], leaves["bias"],
                                TeacherSignal(case["ids"], case["logprobs"], case["log_residual"]),
-                               case["targets"], token_weights, cfg)
+                               case["targets"], token_weights, cfg, sequence_index=_sample_of_token(case),
+                               logit_transform=LogitTransform(scale=scale, softcap=softcap))
             vals = (out.loss_sum, out.n_tokens, out.teacher_div_sums, out.teacher_weight_sums, out.ce_sum)
         else:
             vals = dense_loss(leaves["hidden"], leaves["weight"], leaves["bias"], case["ids"], case["logprobs"],
-                              case["log_residual"], case["targets"], token_weights, cfg)
+                              case["log_residual"], case["targets"], token_weights, cfg, scale=scale,
+                              softcap=softcap, sequence_index=_sample_of_token(case))
         vals[0].backward()
         grads = {k: v.grad for k, v in leaves.items() if v is not None}
         results.append((vals, grads))
     return results
 
 
-def _assert_match(case, cfg, token_weights, rtol=1e-5, grad_rtol=1e-4):
-    (got, got_g), (ref, ref_g) = _run_both(case, cfg, token_weights)
+def _assert_match(case, cfg, token_weights, rtol=1e-5, grad_rtol=1e-4, **transform):
+    (got, got_g), (ref, ref_g) = _run_both(case, cfg, token_weights, **transform)
     assert got[1] == ref[1]  # n_tokens
     for a, b in zip(got[:1] + got[2:], ref[:1] + ref[2:]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=rtol * 1e-2)
@@ -79,7 +87,7 @@ def test_top_k_extremes(k, divergence):
     case = random_case(k=k, vocab=97, seed=k)
     if k == 97:
         assert torch.isinf(case["log_residual"]).all()
-    for weighting, temperature in (("fixed", 1.0), ("min_ce", 0.6)):
+    for weighting, temperature in (("fixed", 1.0), ("min_ce_token", 0.6)):
         cfg = LossConfig(divergence=divergence, weighting=weighting, temperature=temperature, chunk_size=4)
         got, grads = _assert_match(case, cfg, _token_weights(case, weighting), rtol=1e-9, grad_rtol=1e-7)
         assert torch.isfinite(got[0]) and all(torch.isfinite(g).all() for g in grads.values())
@@ -139,9 +147,9 @@ def test_padding_contributes_nothing_and_gets_no_gradient():
 @pytest.mark.parametrize("chunk_size", [1, 3, 22, 23, 1000])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     case = random_case(seed=8, bias=False)
-    cfg = LossConfig(divergence="skew_kl", weighting="min_ce", ce_weight=0.1, temperature=1.3,
+    cfg = LossConfig(divergence="skew_kl", weighting="min_ce_sequence", ce_weight=0.1, temperature=1.3,
                      chunk_size=chunk_size)
-    _assert_match(case, cfg, _token_weights(case, "min_ce"), rtol=1e-9, grad_rtol=1e-7)
+    _assert_match(case, cfg, _token_weights(case, "min_ce_sequence"), rtol=1e-9, grad_rtol=1e-7)
 
 
 def test_ce_weight_mixes_linearly():

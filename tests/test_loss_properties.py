@@ -166,10 +166,10 @@ def test_gold_cross_entropy_inside_and_outside_the_top_k():
     assert full[0, 0].item() == pytest.approx(-math.log(0.3)) and full[1, 0].item() == math.inf
 
 
-def test_min_ce_winner_takes_the_token_and_ties_split_by_weight():
+def test_min_ce_token_winner_takes_the_token_and_ties_split_by_weight():
     ce = torch.tensor([[1.0, 1.0, 0.5, math.inf], [1.0, 1.0, 0.7, math.inf], [0.9, 3.0, 0.1, math.inf]])
     w = torch.tensor([[1.0, 1.0, 0.0, 2.0], [3.0, 3.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
-    got = token_shares(w, ce, "min_ce")
+    got = token_shares(w, ce, "min_ce_token")
     expected = torch.tensor([[0.0, 0.25, 0.0, 2 / 3], [0.0, 0.75, 0.0, 1 / 3], [1.0, 0.0, 1.0, 0.0]])
     torch.testing.assert_close(got, expected)
 
@@ -181,7 +181,7 @@ def test_soft_ce_values_and_limits():
     col0 = torch.tensor([math.exp(-2.0), 2 * math.exp(-4.0), math.exp(-1.0)], dtype=torch.float64)
     col1 = torch.tensor([math.exp(-0.4), math.exp(-0.6), 0.0], dtype=torch.float64)
     torch.testing.assert_close(got, torch.stack([col0 / col0.sum(), col1 / col1.sum()], 1))
-    torch.testing.assert_close(token_shares(w, ce, "soft_ce", 1e-4), token_shares(w, ce, "min_ce"))
+    torch.testing.assert_close(token_shares(w, ce, "soft_ce", 1e-4), token_shares(w, ce, "min_ce_token"))
     torch.testing.assert_close(token_shares(w, ce, "soft_ce", 1e8), token_shares(w, ce, "fixed"), rtol=1e-6,
                                atol=1e-7)
     zero = token_shares(torch.zeros(3, 2, dtype=torch.float64), ce, "soft_ce", 1.0)
@@ -191,7 +191,7 @@ def test_soft_ce_values_and_limits():
 def test_every_served_teacher_missing_the_gold_token_splits_by_weight():
     ce = torch.full((2, 1), math.inf)
     w = torch.tensor([[1.0], [3.0]])
-    for weighting in ("min_ce", "soft_ce"):
+    for weighting in ("min_ce_token", "min_ce_sequence", "soft_ce"):
         torch.testing.assert_close(token_shares(w, ce, weighting), torch.tensor([[0.25], [0.75]]))
 
 

@@ -42,6 +42,7 @@ from distill.cache.teachers import Active, GroupLoader, groups, teacher_record
 from distill.config import Recipe
 from distill.data import Sample, load_samples
 from distill.errors import CacheError, DistillError
+from distill.logits import logit_transform, model_logits
 from distill.models import load_tokenizer, tokenizer_fingerprint
 
 
@@ -190,14 +191,6 @@ def open_or_create(cache_dir: Path, fresh: dict, rebuild: bool) -> dict:
 # ---------------------------------------------------------------- teacher forward
 
 
-def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 @torch.inference_mode()
 def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
                  k: int, row_chunk: int = 2048, clock: dict | None = None):
@@ -205,18 +198,20 @@ def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
 
     input_ids, attention_mask: [B, T]; select: [B, T-1] bool, True where position t's
     prediction (of token t+1) is a target. Returns ids [M, k], logprobs [M, k], log_residual [M]
-    in row-major (sample, position) order. The LM head runs only on selected rows.
+    in row-major (sample, position) order. The LM head runs only on selected rows, followed by
+    the model's own logit transform (distill/logits.py: Gemma 2's softcap, Cohere's scale...).
     clock: if given, seconds are added to clock["forward"] (decoder + LM head) and
     clock["topk"] (the top-k and tail mass), synchronising CUDA around each part.
     """
     sync = torch.cuda.synchronize if input_ids.is_cuda and clock is not None else (lambda: None)
     clock = {} if clock is None else clock
+    transform = logit_transform(model)
     tick = time.perf_counter()
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     h = hidden[:, :-1][select]
     parts = []
     for i in range(0, len(h), row_chunk):
-        logits = _head_logits(model, h[i:i + row_chunk])
+        logits = model_logits(model, h[i:i + row_chunk], transform)
         sync()
         mid = time.perf_counter()
         parts.append(sparse_from_logits(logits, k))
@@ -225,7 +220,7 @@ def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
         tick = time.perf_counter()
         clock["topk"] = clock.get("topk", 0.0) + tick - mid
     if not parts:
-        return sparse_from_logits(_head_logits(model, h), k)
+        return sparse_from_logits(model_logits(model, h, transform), k)
     return tuple(torch.cat(p) for p in zip(*parts))
 
 

@@ -14,14 +14,17 @@ through the k + 1 bin log-masses log Q (divergences.py), with H = dD/dlog Q:
     log Q_j = s[id_j] - lse(s)              (top-k bins)
     log Q_R = lse(s outside ids) - lse(s)    (residual bin)
 
-so, for scaled logits s = z / T and q = softmax(s),
+so, for tempered logits s = u / T and q = softmax(s), where u = f(z) are the model's own
+logits (distill/logits.py: f(z) = c tanh(a z / c) with a softcap c, a z without one),
 
     dD/ds_v = H_j                          if v == id_j
             + H_R * exp(s_v - lse_rest)    if v is outside the top-k
             - q_v * sum_b H_b              for every v
 
 exp(s_v - lse_rest) <= 1 is computed directly (never as q_v / Q_R), so a student
-residual far below fp32's range still gives exact gradients.
+residual far below fp32's range still gives exact gradients. The CE term is taken on u
+(temperature 1). Then dloss/dz = dloss/du * f'(z), with f'(z) = a (1 - (u / c)^2) read off u
+(tanh' = 1 - tanh^2), or the constant a without a softcap.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from distill.logits import IDENTITY, LogitTransform
 from distill.loss.divergences import DIVERGENCES
 
 # Elementwise work on a chunk's logits runs in row blocks of at most this many
@@ -48,6 +52,7 @@ class ChunkSpec:
     skew_alpha: float
     ce_weight: float
     chunk_size: int
+    transform: LogitTransform = IDENTITY  # head output -> the model's logits, before the temperature
 
 
 def _logsumexp(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +70,7 @@ def _logsumexp(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _rows_loss(z: torch.Tensor, ids: torch.Tensor, logp_bins: torch.Tensor, targets: torch.Tensor,
                coef: torch.Tensor, valid: torch.Tensor, spec: ChunkSpec, want_grad: bool):
-    """Loss of b token rows given their logits z [b, V] (fp32/fp64, overwritten).
+    """Loss of b token rows given their head outputs z [b, V] (fp32/fp64, overwritten).
 
     ids [N, b, k] int64; logp_bins [N, b, k + 1] tempered teacher bins; targets [b]
     (a valid id at padding); coef [N, b] = (1 - ce_weight) * T^2 * share, 0 at padding;
@@ -73,8 +78,9 @@ def _rows_loss(z: torch.Tensor, ids: torch.Tensor, logp_bins: torch.Tensor, targ
     over valid rows, unweighted) and ce (0-dim sum over valid rows); with want_grad,
     z holds dloss/dz on return. Allocates two more [b, V] buffers.
     """
-    T, c = spec.temperature, spec.ce_weight
+    T, c, transform = spec.temperature, spec.ce_weight, spec.transform
     divergence = DIVERGENCES[spec.divergence]
+    transform.apply_(z)  # z now holds the model's logits u; everything below is in terms of u
     scratch = torch.empty_like(z)
     lse_z, total_z = _logsumexp(z, scratch)
     ce_tok = (lse_z.squeeze(-1) - z.gather(1, targets[:, None]).squeeze(-1)) * valid
@@ -114,20 +120,26 @@ def _rows_loss(z: torch.Tensor, ids: torch.Tensor, logp_bins: torch.Tensor, targ
             grad.scatter_add_(1, idx, hw[:, :k])
             base += hw.sum(-1, keepdim=True)
     if grad is not None:
-        # z <- grad - q * base, with q = softmax(s) computed in z's own memory.
+        # du/dz, before s (= u / T) is overwritten; scratch is free again after the teacher loop.
+        slope = (transform.scale if transform.softcap is None
+                 else transform.softcap_grad_(torch.mul(s, T, out=scratch)))
+        # z <- (grad - q * base) * du/dz, with q = softmax(s) computed in z's own memory.
         s.sub_(lse_s).exp_().mul_(-base).add_(grad)
+        if not transform.is_identity:
+            s.mul_(slope)
     return loss, torch.stack(div), ce_tok.sum()
 
 
 def chunk_loss(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ids: torch.Tensor,
                logp_bins: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, valid: torch.Tensor,
                spec: ChunkSpec, want_grad: bool):
-    """Loss of one chunk of C tokens, and optionally its gradient with respect to the logits.
+    """Loss of one chunk of C tokens, and optionally its gradient with respect to the head's output.
 
     h [C, H] (in weight's dtype); weight [V, H]; bias [V] or None; the rest as in `_rows_loss`
-    with C rows. Returns loss, div [N], ce and the logits' gradient [C, V] in weight's dtype
-    (or None). The gradient is written over the logits, row block by row block, so a chunk
-    holds one [C, V] buffer plus two [rows, V] fp32 temporaries (rows * V <= BLOCK_ELEMENTS).
+    with C rows. Returns loss, div [N], ce and the gradient [C, V] with respect to z = h W^T + b
+    (before spec.transform) in weight's dtype (or None). The gradient is written over z, row
+    block by row block, so a chunk holds one [C, V] buffer plus two [rows, V] fp32 temporaries
+    (rows * V <= BLOCK_ELEMENTS).
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())

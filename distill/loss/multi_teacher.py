@@ -1,13 +1,16 @@
 """The multi-teacher distillation loss the trainer calls: `distill_loss`.
 
 Per selected token t (a response token) with gold next token g_t, teachers
-i = 1..N with per-token shares a_it (weighting.token_shares, summing to 1 or 0):
+i = 1..N with per-token shares a_it (weighting.token_shares, summing to 1 or 0),
+and the student's own logits u_t (its LM head, then its family's transform,
+distill/logits.py: Gemma 2's softcap, Cohere's and Granite's scales):
 
     loss_t = (1 - ce_weight) * T^2 * sum_i a_it * D(P_it || Q_t)  +  ce_weight * CE(g_t)
 
-D is one of divergences.DIVERGENCES on the teacher's k + 1 bins at temperature T;
-T^2 keeps the gradient scale independent of T (Hinton et al.). CE is the plain
-student cross-entropy at temperature 1. `loss_sum` is the sum over tokens; the
+D is one of divergences.DIVERGENCES on the teacher's k + 1 bins at temperature T
+(the student's distribution is softmax(u_t / T)); T^2 keeps the gradient scale
+independent of T (Hinton et al.). CE is the plain student cross-entropy on u_t
+(temperature 1). `loss_sum` is the sum over tokens; the
 trainer divides once by the global token count (STYLE.md, pattern 3).
 
 Positions whose target is IGNORE_INDEX (-100) are padding: they contribute
@@ -24,9 +27,10 @@ from typing import Optional
 import torch
 
 from distill.config import LossConfig
+from distill.logits import IDENTITY, LogitTransform
 from distill.loss.chunked import ChunkedDistill, ChunkSpec
 from distill.loss.divergences import DIVERGENCES, teacher_log_bins
-from distill.loss.weighting import gold_cross_entropy, token_shares
+from distill.loss.weighting import CE_WEIGHTINGS, gold_cross_entropy, sequence_cross_entropy, token_shares
 
 IGNORE_INDEX = -100
 
@@ -66,7 +70,7 @@ class LossOutput:
     ce_sum: torch.Tensor
 
 
-def _check_inputs(hidden, head_weight, head_bias, signal, targets, token_weights) -> None:
+def _check_inputs(hidden, head_weight, head_bias, signal, targets, token_weights, sequence_index) -> None:
     if hidden.dim() != 2 or head_weight.dim() != 2 or hidden.shape[1] != head_weight.shape[1]:
         raise ValueError(f"hidden [M, H] and head_weight [V, H] expected, got {tuple(hidden.shape)} "
                          f"and {tuple(head_weight.shape)}")
@@ -82,6 +86,9 @@ def _check_inputs(hidden, head_weight, head_bias, signal, targets, token_weights
     if tuple(targets.shape) != (m,) or tuple(token_weights.shape) != (n, m):
         raise ValueError(f"targets must be [{m}] and token_weights [{n}, {m}], got "
                          f"{tuple(targets.shape)} and {tuple(token_weights.shape)}")
+    if sequence_index is not None and (tuple(sequence_index.shape) != (m,) or sequence_index.is_floating_point()):
+        raise ValueError(f"sequence_index must be an integer [{m}] tensor, got {sequence_index.dtype} "
+                         f"{tuple(sequence_index.shape)}")
     if m == 0:
         return
     # One small reduction each; an out-of-range id would otherwise be a device assert.
@@ -96,7 +103,8 @@ def _check_inputs(hidden, head_weight, head_bias, signal, targets, token_weights
 
 def distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor],
                  signal: TeacherSignal, targets: torch.Tensor, token_weights: torch.Tensor,
-                 cfg: LossConfig) -> LossOutput:
+                 cfg: LossConfig, *, logit_transform: Optional[LogitTransform] = None,
+                 sequence_index: Optional[torch.Tensor] = None) -> LossOutput:
     """Multi-teacher distillation loss through the LM head, chunk by chunk.
 
     hidden [M, H]: student final hidden states (after the final norm) at the M selected positions.
@@ -104,6 +112,11 @@ def distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Opt
     signal: teachers' sparse distributions at the same positions ([N, M, k]).
     targets [M] int64: gold next tokens, IGNORE_INDEX (-100) at padding.
     token_weights [N, M] >= 0: per-token teacher weights (weighting.example_weights expanded to tokens).
+    logit_transform: the student's transform of its head's output (distill.logits.logit_transform(student));
+        None is the identity (a Llama-style head). Applied before the temperature; its exact gradient
+        is part of the closed-form backward.
+    sequence_index [M] int: which sequence (sample) each token belongs to; needed by
+        weighting "min_ce_sequence" (ranks teachers per sequence), ignored otherwise.
 
     Student logits are computed cfg.chunk_size tokens at a time, so peak memory is
     O(chunk_size x V), never O(M x V); gradients flow to hidden, head_weight and head_bias
@@ -113,7 +126,11 @@ def distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Opt
     """
     if cfg.divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {cfg.divergence!r} (known: {', '.join(DIVERGENCES)})")
-    _check_inputs(hidden, head_weight, head_bias, signal, targets, token_weights)
+    if logit_transform is not None and not isinstance(logit_transform, LogitTransform):
+        raise ValueError(f"logit_transform must be a distill.logits.LogitTransform, got {type(logit_transform)}")
+    if cfg.weighting == "min_ce_sequence" and sequence_index is None:
+        raise ValueError("weighting 'min_ce_sequence' needs sequence_index (the sequence of each token)")
+    _check_inputs(hidden, head_weight, head_bias, signal, targets, token_weights, sequence_index)
     vocab = head_weight.shape[0]
     compute = torch.float64 if head_weight.dtype == torch.float64 else torch.float32
     with torch.no_grad():
@@ -122,15 +139,16 @@ def distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Opt
         ids = signal.ids.long()
         logprobs, log_residual = signal.logprobs.to(compute), signal.log_residual.to(compute)
         logp_bins = teacher_log_bins(logprobs, log_residual, vocab, cfg.temperature)
-        gold_ce = None
-        if cfg.weighting in ("min_ce", "soft_ce"):
-            gold_ce = gold_cross_entropy(ids, logprobs, log_residual, safe_targets, vocab)
-        shares = token_shares(token_weights.to(compute), gold_ce, cfg.weighting,
-                              cfg.weighting_temperature) * valid
+        ce = None
+        if cfg.weighting in CE_WEIGHTINGS:
+            ce = gold_cross_entropy(ids, logprobs, log_residual, safe_targets, vocab)
+            if cfg.weighting == "min_ce_sequence":
+                ce = sequence_cross_entropy(ce, sequence_index, valid)
+        shares = token_shares(token_weights.to(compute), ce, cfg.weighting, cfg.weighting_temperature) * valid
         coef = shares * ((1.0 - cfg.ce_weight) * cfg.temperature ** 2)
     spec = ChunkSpec(divergence=cfg.divergence, temperature=float(cfg.temperature), beta=float(cfg.beta),
                      skew_alpha=float(cfg.skew_alpha), ce_weight=float(cfg.ce_weight),
-                     chunk_size=int(cfg.chunk_size))
+                     chunk_size=int(cfg.chunk_size), transform=logit_transform or IDENTITY)
     device_type = hidden.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         loss_sum, div_sums, ce_sum = ChunkedDistill.apply(hidden, head_weight, head_bias, ids, logp_bins,
