@@ -4,8 +4,10 @@ Several families change the LM head's output z = W·h (+ b) before it becomes th
 their `forward` returns (transformers 5.x modeling files):
 
     Gemma 2 / 3, VaultGemma, NanoChat   c · tanh(z / c), c = config.final_logit_softcapping (when set)
+    RecurrentGemma                      the same with c = config.logits_soft_cap
     Cohere, Cohere 2 (+ MoE)            z · config.logit_scale
     Granite (+ MoE, shared, SWA)        z / config.logits_scaling
+    MiniCPM3                            z / config.logits_scaling (it scales h; its head has no bias)
     HyperCLOVA X                        z · config.logits_scaling
 
 Every such transform is one `LogitTransform`: u = c · tanh(a · z / c) with a softcap c, or
@@ -108,6 +110,8 @@ FAMILIES: dict[str, Callable] = {
     "granite_swa": _divided_by("logits_scaling"),
     "granitemoe_swa": _divided_by("logits_scaling"),
     "hyperclovax": _times("logits_scaling"),  # multiplies, unlike Granite
+    "minicpm3": _divided_by("logits_scaling"),  # divides the hidden states; its head has no bias: the same
+    "recurrent_gemma": _softcap("logits_soft_cap"),
     "mpt": lambda cfg: IDENTITY,  # MptForCausalLM does not apply config.logit_scale
 }
 
@@ -125,11 +129,12 @@ def _trivial(value) -> bool:
 def logit_transform(model) -> LogitTransform:
     """The transform between `model`'s LM head and its logits, from its (text) config.
 
+    model: a transformers model (peft-wrapped is fine: its config is the base's) or its config.
     Raises DistillError for a model type outside FAMILIES whose config sets a key of
-    TRANSFORM_KEYS (e.g. Gemma 3n, MiniCPM3, RecurrentGemma): distill would otherwise use
-    logits the model does not produce. Works on peft-wrapped models (their config is the base's).
+    TRANSFORM_KEYS (e.g. Gemma 3n, whose `hidden_states[-1]` through its head is not its logits, or
+    xLSTM): distill would otherwise use logits the model does not produce.
     """
-    cfg = model.config.get_text_config()
+    cfg = getattr(model, "config", model).get_text_config()
     model_type = getattr(cfg, "model_type", None)
     rule = FAMILIES.get(model_type)
     if rule is not None:
@@ -137,7 +142,7 @@ def logit_transform(model) -> LogitTransform:
     unknown = {k: getattr(cfg, k) for k in TRANSFORM_KEYS if not _trivial(getattr(cfg, k, None))}
     if unknown:
         keys = ", ".join(f"{k}={v!r}" for k, v in unknown.items())
-        raise DistillError(f"{type(model).__name__} (model_type {model_type!r}) sets {keys}: a transform of the "
+        raise DistillError(f"model_type {model_type!r} ({type(cfg).__name__}) sets {keys}: a transform of the "
                            f"LM head's output distill does not know (known families: {', '.join(sorted(FAMILIES))})")
     return IDENTITY
 

@@ -103,12 +103,17 @@ def model_logits(z, scale=1.0, softcap=None):
 def dense_loss(hidden, weight, bias, ids, logprobs, log_residual, targets, token_weights, cfg, scale=1.0,
                softcap=None, sequence_index=None):
     """Returns (loss_sum, n_tokens, teacher_div_sums [N], teacher_weight_sums [N], ce_sum)."""
-    vocab = weight.shape[0]
-    T = cfg.temperature
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    logits = model_logits(logits, scale, softcap)
+    return dense_loss_from_logits(model_logits(logits, scale, softcap), ids, logprobs, log_residual, targets,
+                                  token_weights, cfg, sequence_index)
+
+
+def dense_loss_from_logits(logits, ids, logprobs, log_residual, targets, token_weights, cfg, sequence_index=None):
+    """dense_loss given the student's own logits [M, V] (e.g. a model's `forward(...).logits`)."""
+    vocab = logits.shape[-1]
+    T = cfg.temperature
     valid = targets != IGNORE
     q = torch.softmax(logits / T, dim=-1)
     ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")

@@ -82,6 +82,7 @@ BAD = [
     (lambda d: d.update(loss={"beta": 1.5}), "loss.beta"),
     (lambda d: d.update(loss={"skew_alpha": 0.0}), "loss.skew_alpha"),
     (lambda d: d.update(loss={"weighting": "vote"}), "loss.weighting"),
+    (lambda d: d.update(loss={"weighting": "min_ce"}), "loss.weighting"),  # split in two: see the test below
     (lambda d: [t.update(weight=0) for t in d["teachers"]], "teachers"),
     (lambda d: d["teachers"][0].update(weight=-1), "teachers[0].weight"),
     (lambda d: d.update(loss={"weighting": "route"}) or d["data"]["sources"][0].update(domain="code"),
@@ -118,6 +119,15 @@ def test_bad_recipe_one_line_error_exit_2(tmp_path, base, capsys, mutate, key):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("distill: error: ") and key in err, err
+
+
+def test_retired_min_ce_names_both_replacements(tmp_path, base):
+    base["loss"] = {"weighting": "min_ce"}
+    with pytest.raises(ConfigError, match="min_ce_sequence .*FuseLLM.*min_ce_token"):
+        load_recipe(write(tmp_path, base))
+    for weighting in ("min_ce_sequence", "min_ce_token"):
+        base["loss"] = {"weighting": weighting}
+        assert load_recipe(write(tmp_path, base)).loss.weighting == weighting
 
 
 def test_bad_override_names_key(tmp_path, base, capsys):

@@ -212,3 +212,43 @@ def test_low_precision_head_is_upcast_per_block(monkeypatch):
     for got, ref in zip(results[0][1:], (leaf.grad for leaf in leaves)):
         scale = ref.abs().max().item()
         torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.02 * scale)
+
+
+# ---------------------------------------------------------------- the model's logit transform
+
+# Gemma 2's softcap, Granite's 1/logits_scaling (< 1), Cohere's logit_scale (> 1), and both at once.
+TRANSFORMS = {"softcap": dict(softcap=2.0), "scale_down": dict(scale=0.25), "scale_up": dict(scale=6.0),
+              "scale_and_softcap": dict(scale=3.0, softcap=1.5)}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_logit_transform_matches_dense(divergence, transform):
+    """Values and hidden/weight/bias gradients through the transform, then the temperature (fp64, tight)."""
+    case = random_case(seed=30 + sorted(TRANSFORMS).index(transform))
+    cfg = LossConfig(divergence=divergence, weighting="soft_ce", temperature=1.7, ce_weight=0.25, beta=0.3,
+                     skew_alpha=0.2, chunk_size=5)
+    tw = _token_weights(case, "soft_ce")
+    got, _ = _assert_match(case, cfg, tw, rtol=1e-9, grad_rtol=1e-7, **TRANSFORMS[transform])
+    (plain, _), _ = _run_both(case, cfg, tw)
+    # The transform changes the result: a loss that ignored it would fail the match above.
+    assert abs(got[0].item() - plain[0].item()) > 1e-3 * abs(plain[0].item())
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_logit_transform_fp32_within_tolerance(transform):
+    case = random_case(dtype=torch.float32, vocab=211, m=40, seed=40)
+    case["weight"] = case["weight"] / 3  # milder logits: the dense reference's fp32 probabilities underflow at x6
+    for T in (1.0, 2.0):  # T == 1 takes the path where the logits are not divided in place
+        cfg = LossConfig(divergence="forward_kl", weighting="min_ce_token", temperature=T, ce_weight=0.1,
+                         chunk_size=16)
+        _assert_match(case, cfg, _token_weights(case, "min_ce_token"), rtol=1e-5, grad_rtol=1e-4,
+                      **TRANSFORMS[transform])
+
+
+def test_saturated_softcap_gradient_vanishes_like_tanh():
+    """Far into tanh's flat tail the logits' gradient is ~0, as autograd through the model gives."""
+    case = random_case(seed=41)
+    case["weight"] = case["weight"] * 50  # |z| >> softcap: most logits saturate
+    cfg = LossConfig(divergence="jsd", ce_weight=0.5, chunk_size=7)
+    _assert_match(case, cfg, _token_weights(case, "fixed"), rtol=1e-9, grad_rtol=1e-7, softcap=1.0)

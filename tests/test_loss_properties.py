@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_reference import bin_divergence, random_case, sparse_signal
+from loss_reference import bin_divergence, random_case, sequence_ce, sparse_signal
 
 from distill.config import LossConfig
 from distill.loss import (DIVERGENCES, TeacherSignal, distill_loss, example_weights, gold_cross_entropy,
-                          teacher_log_bins, token_shares)
+                          sequence_cross_entropy, teacher_log_bins, token_shares)
 
 ALL = sorted(DIVERGENCES)
 
@@ -193,6 +193,87 @@ def test_every_served_teacher_missing_the_gold_token_splits_by_weight():
     w = torch.tensor([[1.0], [3.0]])
     for weighting in ("min_ce_token", "min_ce_sequence", "soft_ce"):
         torch.testing.assert_close(token_shares(w, ce, weighting), torch.tensor([[0.25], [0.75]]))
+
+
+# ---------------------------------------------------------------- MinCE: per sequence (FuseLLM) and per token
+
+
+def test_sequence_cross_entropy_matches_naive_sums():
+    g = torch.Generator().manual_seed(3)
+    ce = torch.rand(3, 12, generator=g, dtype=torch.float64) * 4
+    seq = torch.tensor([7, 7, 3, 3, 9, 9, 9, 3, 7, 0, 0, 9])  # any ids, not contiguous
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[[1, 10]] = False
+    ce[1, 4] = math.inf  # teacher 1 misses a gold token of sequence 9 with a zero residual
+    ce[2, 10] = math.inf  # ... and teacher 2 at a padding position of sequence 0, which must not count
+    got = sequence_cross_entropy(ce, seq, valid)
+    torch.testing.assert_close(got, sequence_ce(ce, seq, valid), rtol=1e-12, atol=0)
+    assert got[1, 5].item() == math.inf and torch.isfinite(got[[0, 2]]).all()
+    # Each token carries its whole sequence's sum: sequence 3 is tokens 2, 3, 7.
+    assert got[0, 2].item() == got[0, 7].item() == pytest.approx(float(ce[0, [2, 3, 7]].sum()))
+
+
+# Three teachers, two samples (tokens 0-2 and 3-4); teacher 2 has the lowest CE everywhere but weight 0.
+_CE = torch.tensor([[0.1, 0.1, 5.0, 1.0, 1.0],
+                    [1.0, 1.0, 1.0, 0.5, 1.5],
+                    [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+_W = torch.tensor([[1.0] * 5, [3.0] * 5, [0.0] * 5], dtype=torch.float64)
+_SEQ = torch.tensor([0, 0, 0, 1, 1])
+
+
+def test_min_ce_sequence_ties_split_by_weight_and_weight_zero_never_wins():
+    seq_ce = sequence_cross_entropy(_CE, _SEQ, torch.ones(5, dtype=torch.bool))
+    got = token_shares(_W, seq_ce, "min_ce_sequence")
+    # Sample 0: sums 5.2, 3.0, (0.0 at weight 0) -> teacher 1 takes all of it. Sample 1: 2.0 vs 2.0 -> 1 : 3.
+    expected = torch.tensor([[0.0, 0.0, 0.0, 0.25, 0.25], [1.0, 1.0, 1.0, 0.75, 0.75], [0.0] * 5],
+                            dtype=torch.float64)
+    torch.testing.assert_close(got, expected)
+    # Per token the same CEs give another answer: teacher 0 wins tokens 0, 1, 4 and teacher 1 tokens 2, 3.
+    token = token_shares(_W, _CE, "min_ce_token")
+    expected_token = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0], [0.0] * 5],
+                                  dtype=torch.float64)
+    torch.testing.assert_close(token, expected_token)
+
+
+def _full_signal(ce: torch.Tensor, targets: torch.Tensor, vocab: int) -> TeacherSignal:
+    """k = V teachers whose gold-token CE is exactly `ce` [N, M]; the rest of the mass is uniform."""
+    n, m = ce.shape
+    p_gold = torch.exp(-ce)
+    probs = ((1 - p_gold) / (vocab - 1)).unsqueeze(-1).expand(n, m, vocab).clone()
+    probs.scatter_(2, targets.view(1, m, 1).expand(n, m, 1), p_gold.unsqueeze(-1))
+    ids = torch.arange(vocab).expand(n, m, vocab).contiguous()
+    return TeacherSignal(ids, probs.log(), torch.full((n, m), -math.inf, dtype=ce.dtype))
+
+
+def test_min_ce_sequence_and_token_differ_in_the_loss():
+    """Through distill_loss: each weighting equals the fixed loss with its winners' one-hot weights."""
+    vocab = 11
+    case = random_case(m=5, vocab=vocab, n=3, k=vocab, seed=17, pad=())
+    targets = case["targets"]
+    sig = _full_signal(_CE, targets, vocab)
+    args = (case["hidden"], case["weight"], case["bias"], sig, targets)
+    cfg = dict(divergence="forward_kl", ce_weight=0.1, chunk_size=2)
+    seq_out = distill_loss(*args, _W, LossConfig(weighting="min_ce_sequence", **cfg), sequence_index=_SEQ)
+    tok_out = distill_loss(*args, _W, LossConfig(weighting="min_ce_token", **cfg), sequence_index=_SEQ)
+    torch.testing.assert_close(seq_out.teacher_weight_sums, torch.tensor([0.5, 4.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(tok_out.teacher_weight_sums, torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64))
+    one_hot = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 3, 3], [0] * 5], dtype=torch.float64)
+    fixed = distill_loss(*args, one_hot, LossConfig(weighting="fixed", **cfg))
+    torch.testing.assert_close(seq_out.loss_sum, fixed.loss_sum)
+    assert abs(seq_out.loss_sum.item() - tok_out.loss_sum.item()) > 1e-3
+
+
+def test_min_ce_sequence_needs_the_sequence_index():
+    case = random_case(seed=18)
+    sig = TeacherSignal(case["ids"], case["logprobs"], case["log_residual"])
+    tw = torch.ones(3, 23, dtype=torch.float64)
+    args = (case["hidden"], case["weight"], case["bias"], sig, case["targets"], tw)
+    with pytest.raises(ValueError, match="sequence_index"):
+        distill_loss(*args, LossConfig(weighting="min_ce_sequence"))
+    with pytest.raises(ValueError, match="sequence_index"):
+        distill_loss(*args, LossConfig(weighting="min_ce_sequence"), sequence_index=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown weighting 'min_ce'"):
+        distill_loss(*args, LossConfig(weighting="min_ce"))
 
 
 # ---------------------------------------------------------------- plumbing
