@@ -252,3 +252,22 @@ def test_saturated_softcap_gradient_vanishes_like_tanh():
     case["weight"] = case["weight"] * 50  # |z| >> softcap: most logits saturate
     cfg = LossConfig(divergence="jsd", ce_weight=0.5, chunk_size=7)
     _assert_match(case, cfg, _token_weights(case, "fixed"), rtol=1e-9, grad_rtol=1e-7, softcap=1.0)
+
+
+def test_low_precision_head_applies_the_transform_in_fp32():
+    """A bf16 head's logits are upcast per block before the transform: close to fp32 through the same transform."""
+    case = random_case(seed=42, dtype=torch.float32, vocab=211, m=40)
+    tw = _token_weights(case, "fixed")
+    cfg = LossConfig(divergence="forward_kl", ce_weight=0.2, temperature=1.5, chunk_size=16)
+    sig = TeacherSignal(case["ids"], case["logprobs"], case["log_residual"])
+    leaves = [case[k].to(torch.bfloat16).requires_grad_(True) for k in ("hidden", "weight")]
+    out = distill_loss(*leaves, None, sig, case["targets"], tw, cfg,
+                       logit_transform=LogitTransform(scale=0.5, softcap=2.0))
+    out.loss_sum.backward()
+    ref_leaves = [case[k].to(torch.bfloat16).float().requires_grad_(True) for k in ("hidden", "weight")]
+    dense = dense_loss(*ref_leaves, None, case["ids"], case["logprobs"], case["log_residual"], case["targets"], tw,
+                       cfg, scale=0.5, softcap=2.0)[0]
+    dense.backward()
+    torch.testing.assert_close(out.loss_sum, dense.detach(), rtol=4e-3, atol=0)
+    for got, ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.float(), ref.grad, rtol=0.05, atol=0.02 * ref.grad.abs().max().item())

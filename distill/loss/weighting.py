@@ -98,8 +98,8 @@ def sequence_cross_entropy(gold_ce: torch.Tensor, sequence_index: torch.Tensor,
     same deterministic op on the same shapes (no atomics, no TF32), so teachers with identical
     CEs get bit-identical sums and tie, on CPU and GPU alike.
     """
-    _, seq = torch.unique(sequence_index, return_inverse=True)  # ids -> 0..S-1
-    n_seq = int(seq.max()) + 1 if seq.numel() else 0
+    ids, seq = torch.unique(sequence_index, return_inverse=True)  # ids -> 0..S-1 (one host sync)
+    n_seq = len(ids)
     member = ((seq[:, None] == torch.arange(n_seq, device=seq.device)[None, :]) & valid[:, None]).double()
     finite = torch.isfinite(gold_ce)
     finite_ce = torch.where(finite, gold_ce, torch.zeros_like(gold_ce)).double()
