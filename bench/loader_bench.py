@@ -8,9 +8,9 @@ the same step fed from batches already in memory (pre-collated tensors).
 Setup: a synthetic cache in a temporary folder (samples of 64..1024 tokens, the second half
 targets, 2 teachers, the default codec at k = 26 over V = 49,152 -- records encoded from the top-k
 of random logits, so decoding does the real work), and a random-init Llama student (4 layers, hidden 256,
-vocab 49,152, fp32, no mixed precision). One step is `distill.train._micro_step`
-(decode, routing weights, student forward + chunked loss, backward) plus AdamW, exactly as
-the trainer runs it, with grad_accum 1 and length grouping on.
+vocab 49,152, fp32, no mixed precision). One step is the library's `distill.step.TrainStep`
+(decode, routing weights, student forward + chunked loss, backward, finiteness check, clipping,
+AdamW), exactly as the trainer runs it, with grad_accum 1 and length grouping on.
 
 Variants: "loader" reads the micro-batches through `distill.batches.make_loader` with the
 given workers, decoding teacher records in the main process ("main", the CUDA path: records
@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -91,7 +90,9 @@ def build_step(hidden: int, layers: int, codec, lr: float = 1e-4):
     from accelerate import Accelerator
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill.train import StudentWithLoss, _micro_step
+    from distill.config import TeacherConfig
+    from distill.signals import CachedTeachers, Teachers
+    from distill.step import StudentWithLoss, TrainStep
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -100,13 +101,15 @@ def build_step(hidden: int, layers: int, codec, lr: float = 1e-4):
     acc = Accelerator(cpu=not torch.cuda.is_available())
     wrapped = StudentWithLoss(LlamaForCausalLM(cfg), LossConfig())
     opt = torch.optim.AdamW(wrapped.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     wrapped, opt = acc.prepare(wrapped, opt)
-    recipe = SimpleNamespace(loss=LossConfig(), train=SimpleNamespace(grad_accum=1), run_dir=tempfile.gettempdir())
+    teachers = [TeacherConfig(name=t, model="-", domains=[f"d{i}"]) for i, t in enumerate(TEACHERS)]
+    train_step = TrainStep(acc, wrapped, opt, sched,
+                           Teachers([CachedTeachers(codec, TEACHERS)], teachers, ["d0", "d1"], "fixed"),
+                           max_grad_norm=1.0)
 
     def step(batch: dict, norm: int) -> None:
-        _micro_step(acc, wrapped, batch, codec, [1.0, 1.0], [["d0"], ["d1"]], ["d0", "d1"], recipe, norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step([batch], norm)
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
 

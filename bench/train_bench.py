@@ -1,12 +1,13 @@
-"""Training step throughput: teachers read from the cache vs teachers run every step (online).
+"""Training step throughput: teachers read from the cache vs teachers run every step (online), and plain CE.
 
     python bench/train_bench.py --quick          # 3 timed steps x 2 repeats per mode (~2-3 min on 2 cores)
     python bench/train_bench.py                  # 8 timed steps x 3 repeats per mode (~3-5 min)
     python bench/train_bench.py --no-trl         # only distill's two modes
     python bench/train_bench.py --tiny           # tiny models, char tokenizer: a smoke test (the tests run this)
 
-The bar (DESIGN.md section 6): with 3 teachers of the student's size, a training step
-from the cache is >= 1.8x faster than online distillation running the teachers each step.
+The bars (DESIGN.md section 6): with 3 teachers of the student's size, a training step
+from the cache is >= 1.9x faster than online distillation running the teachers each step;
+a cached-teacher distillation step costs <= 1.10x a plain cross-entropy (SFT) step.
 
 Models: one Llama-style config for the student and its 3 teachers (random init, seeds
 0..3; hidden 256, 4 layers, 4 heads, MLP 704, tied embeddings: 15.8M parameters, 12.6M
@@ -20,24 +21,31 @@ fp32 on CPU, `--threads` torch threads (default 1: steadier on a shared machine)
 Modes, all on the same micro-batches (the trainer's seeded plan), each with its own
 student (same init) and AdamW:
   cache    records read from a real cache that `run_capture` wrote for the 3 teachers
-           (the default codec with its default top_k), collated and decoded
-           (`decode_signal`) inside the timed step, one process, no loader workers.
-  online   the same tokens; every step runs the 3 teachers (`teacher_topk`: inference
-           mode, LM head on target rows only, exact top-k) into the same TeacherSignal.
+           (the default codec with its default top_k), collated and decoded inside the
+           timed step, one process, no loader workers.
+  online   the same tokens; the 3 teachers loaded as online teachers (`train.online_teachers`)
+           and run every step (`signals.LiveTeacher`: inference mode, LM head on target rows
+           only, top-k, then the cache codec's encode + decode, so the signal is the cache's).
+  ce       the floor: the same student, AdamW, clipping and schedule, plain cross-entropy on
+           the same target tokens; the LM head on the target rows only, like the distillation
+           step's chunked head, so the ratio measures what distillation adds (decode, the
+           chunked k+1-bin loss) and not a difference in which positions reach the head. (HF's
+           `model(labels=)` step would run the head on every position: a slower, unfair floor.)
   trl      reference: TRL's GKDTrainer (trl 1.16, experimental) with ONE teacher
            (teacher 1), lmbda=0 (the data's tokens, no student generation), beta=0
            (forward KL, like distill's default), on the same batches, through its own
            Trainer loop. Dense: full student and teacher logits at every position.
-cache and online share one step function: the trainer's StudentWithLoss (student forward +
-chunked distill_loss), the loss sum normalised by the step's target tokens, backward,
-gradient clipping, AdamW step, LR schedule; only where the TeacherSignal comes from differs.
+cache and online call the library's one step, `distill.step.TrainStep` (the trainer's: student
+forward + chunked distill_loss, the loss sum normalised by the step's target tokens, backward,
+finiteness check, gradient clipping, AdamW step, LR schedule) with a `signals.Teachers` over
+the cached or the live source; only where the TeacherSignal comes from differs.
 
 Timing: every repeat replays the same batches: per mode, one untimed warm-up step, then
 `--steps` timed steps. Modes are interleaved and their order rotates between repeats, so
 a change in the machine's load hits every mode alike. A mode's figure is its fastest
 repeat (wall) and its least CPU time (thread CPU, steadier on a loaded machine).
 Throughput counts target tokens (what the loss sees), like the trainer's tokens_per_s;
-online / cache is the speed-up the cache buys.
+online / cache is the speed-up the cache buys; cache / ce what distillation costs over SFT.
 """
 
 from __future__ import annotations
@@ -63,14 +71,12 @@ sys.path.insert(0, str(ROOT))
 
 from distill import batches as B  # noqa: E402
 from distill import train as T  # noqa: E402
-from distill.cache.capture import run_capture, teacher_topk  # noqa: E402
-from distill.cache.codec import codec_from_manifest  # noqa: E402
+from distill.cache.capture import run_capture  # noqa: E402
 from distill.cache.store import CacheReader  # noqa: E402
 from distill.config import load_recipe  # noqa: E402
-from distill.loss import TeacherSignal, example_weights  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
-
-decode_signal = B.decode_signal
+from distill.signals import CachedTeachers, Teachers, load_live_teachers  # noqa: E402
+from distill.step import StudentWithLoss, TrainStep  # noqa: E402
 GSM8K = ROOT / "bench" / "data" / "gsm8k" / "train.jsonl"
 
 
@@ -132,47 +138,56 @@ def write_recipe(work: Path, paths: dict[str, Path], args) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- one training step, two signal sources
+# ---------------------------------------------------------------- the library step, two signal sources; the CE floor
 
 
 class Student:
-    """A student as the trainer builds it: StudentWithLoss, AdamW, LR schedule, prepared by accelerate."""
+    """A student as the trainer builds it (StudentWithLoss, AdamW, LR schedule, prepared by accelerate),
+    stepped by the library's TrainStep with the given teachers (cached or live)."""
+
+    def __init__(self, acc, recipe, teachers: Teachers):
+        t = recipe.train
+        wrapped = StudentWithLoss(T.build_student(recipe, acc.device), recipe.loss)
+        self.params = [p for p in wrapped.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(t.schedule, t.warmup_steps, t.max_steps))
+        wrapped, opt = acc.prepare(wrapped, opt)
+        self.step = TrainStep(acc, wrapped, opt, sched, teachers, t.max_grad_norm)
+
+    def __call__(self, batch: dict) -> float:
+        norm = int(batch["select"].sum())  # target tokens of the step (one micro-batch, one process)
+        return self.step([batch], norm)["loss_sum"].item() / max(norm, 1)
+
+
+class CEStudent:
+    """The SFT floor: the same student, optimizer, clipping and schedule, plain cross-entropy on the
+    same target tokens. Head on the target rows only (as the distillation step's chunked head), the
+    loss summed and divided by the same target-token count; no teachers, no chunking."""
 
     def __init__(self, acc, recipe):
         t = recipe.train
-        wrapped = T.StudentWithLoss(T.build_student(recipe, acc.device), recipe.loss)
-        self.params = [p for p in wrapped.parameters() if p.requires_grad]
+        model = T.build_student(recipe, acc.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(t.schedule, t.warmup_steps, t.max_steps))
-        self.wrapped, self.opt = acc.prepare(wrapped, opt)
+        self.model, self.opt = acc.prepare(model, opt)
+        self.acc, self.max_grad_norm = acc, t.max_grad_norm
 
-
-def train_step(acc, student: Student, batch: dict, signal: TeacherSignal, recipe, domain_names) -> float:
-    """The trainer's micro-step + optimizer step (distill/train.py `_micro_step` and its loop), for any signal."""
-    teacher_w = [tt.weight for tt in recipe.teachers]
-    teacher_dom = [tt.domains for tt in recipe.teachers]
-    names = [None if d < 0 else domain_names[d] for d in batch["domains"].tolist()]
-    ex_w = example_weights(teacher_w, teacher_dom, names, recipe.loss.weighting)
-    token_w = ex_w[:, batch["row_sample"]]
-    norm = int(batch["select"].sum())  # target tokens of the step (one micro-batch, one process)
-    with acc.accumulate(student.wrapped):
-        out = student.wrapped(batch["input_ids"], batch["attention_mask"], batch["select"], batch["targets"],
-                              signal, token_w)
-        acc.backward(out["loss_sum"] * (acc.num_processes * recipe.train.grad_accum / max(norm, 1)))
-    if recipe.train.max_grad_norm > 0:
-        acc.clip_grad_norm_(student.params, recipe.train.max_grad_norm)
-    student.opt.step()
-    student.sched.step()
-    student.opt.zero_grad(set_to_none=True)
-    return out["loss_sum"].item() / max(norm, 1)
-
-
-def online_signal(teachers: list, batch: dict, k: int) -> TeacherSignal:
-    """Run every teacher on the batch: the same sparse signal the cache holds, exact (not quantized)."""
-    parts = [teacher_topk(t, batch["input_ids"], batch["attention_mask"], batch["select"], k) for t in teachers]
-    # teacher_topk runs under inference_mode; clone out of it so autograd may keep these if it wants.
-    ids, lp, res = (torch.stack(p).clone() for p in zip(*parts))
-    return TeacherSignal(ids=ids, logprobs=lp, log_residual=res)
+    def __call__(self, batch: dict) -> float:
+        norm = int(batch["select"].sum())
+        with self.acc.accumulate(self.model):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            hidden = out.hidden_states[-1][:, :-1][batch["select"]]
+            logits = self.acc.unwrap_model(self.model).get_output_embeddings()(hidden).float()
+            loss = torch.nn.functional.cross_entropy(logits, batch["targets"], reduction="sum")
+            self.acc.backward(loss / max(norm, 1))
+        if self.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item() / max(norm, 1)
 
 
 def no_records(item: dict) -> dict:
@@ -282,21 +297,28 @@ def _run(args, work: Path) -> dict:
     t0 = time.perf_counter()
     tok = tokenizer_for(args)
     paths = save_models(work, tok, args)
-    recipe = load_recipe(write_recipe(work, paths, args))
+    recipe_path = write_recipe(work, paths, args)
+    recipe = load_recipe(recipe_path)
     rep = run_capture(recipe)
     reader = CacheReader(recipe.cache.dir)
     dataset = B.CacheDataset(reader)
-    codec = codec_from_manifest(reader.manifest, reader.dir)
+    codec = reader.codec()
     plans = B.PlanCache(len(dataset), args.batch_size, 1, recipe.seed, len(dataset) // args.batch_size)
     batches = [plans.batch(j) for j in range(args.steps + 1)]  # the trainer's epoch-0 plan
 
     acc = T.build_accelerator(recipe)
     torch.manual_seed(recipe.seed)
-    students = {m: Student(acc, recipe) for m in ("cache", "online")}
-    teachers = [load_model(str(paths[t.name]), dtype="float32").eval() for t in recipe.teachers]
+    # The two teacher sources behind the one step: the cache's records, or the same teachers
+    # loaded as online ones (the trainer's loader) and run on each micro-batch.
+    live = load_live_teachers(load_recipe(recipe_path, ["train.online_teachers=true"]), codec, acc.device)
+    sources = {"cache": [CachedTeachers(codec, reader.cached_names)], "online": live}
+    students = {m: Student(acc, recipe, Teachers(sources[m], recipe.teachers, reader.domains, recipe.loss.weighting))
+                for m in ("cache", "online")}
+    students["ce"] = CEStudent(acc, recipe)
+    teachers = live
     n_params = sum(p.numel() for p in students["cache"].params)
     trl, why_not = (None, "skipped (--no-trl)") if args.no_trl else build_trl(recipe, paths, tok, dataset, args, work)
-    modes = ["cache", "online"] + (["trl"] if trl else [])
+    modes = ["cache", "online", "ce"] + (["trl"] if trl else [])
     print(f"# student and {len(teachers)} teachers: Llama hidden {args.hidden}, {args.layers} layers, MLP {args.mlp}, "
           f"V = {len(tok)}, {n_params / 1e6:.1f}M params each; {len(dataset)} cached samples "
           f"({reader.manifest['data']['targets']} targets, {codec.name} k={codec.k}, capture {rep.forward_s:.1f} s); "
@@ -311,13 +333,9 @@ def _run(args, work: Path) -> dict:
         times, cpu, losses = [], [], []
         for j, idx in enumerate(batches):
             t, c = time.perf_counter(), time.thread_time()
-            if mode == "cache":
-                batch = B.collate([dataset[i] for i in idx], tok.pad_token_id)
-                signal = decode_signal(codec, batch["records"])
-            else:
-                batch = B.collate([no_records(dataset[i]) for i in idx], tok.pad_token_id)
-                signal = online_signal(teachers, batch, codec.k)
-            losses.append(train_step(acc, students[mode], batch, signal, recipe, reader.domains))
+            # Collating (and, for the cache, decoding inside the step) is timed, as in the trainer.
+            items = [dataset[i] if mode == "cache" else no_records(dataset[i]) for i in idx]
+            losses.append(students[mode](B.collate(items, tok.pad_token_id)))
             if j:  # the first step of a repeat is the untimed warm-up
                 times.append(time.perf_counter() - t)
                 cpu.append(time.thread_time() - c)
@@ -357,12 +375,14 @@ def summarize(runs: dict, args, targets: int) -> dict:
     out["speedup_cpu"] = m["online"]["cpu_step_s"] / m["cache"]["cpu_step_s"]
     out["speedup_per_repeat"] = [round(sum(o["times"]) / sum(c["times"]), 2)
                                  for o, c in zip(runs["online"], runs["cache"])]
+    out["cache_vs_ce"] = m["cache"]["step_s"] / m["ce"]["step_s"]
+    out["cache_vs_ce_cpu"] = m["cache"]["cpu_step_s"] / m["ce"]["cpu_step_s"]
     return out
 
 
 def table(s: dict, why_not: str | None) -> str:
     names = {"cache": "cache (3 teachers, from disk)", "online": "online (3 teachers run each step)",
-             "trl": "TRL GKDTrainer (1 teacher, dense, lmbda=0)"}
+             "ce": "ce (SFT floor, no teachers)", "trl": "TRL GKDTrainer (1 teacher, dense, lmbda=0)"}
     lines = ["| mode | s/step | steps/s | target tokens/s | / cache | CPU s/step | / cache (CPU) "
              "| every repeat (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     cache = s["modes"]["cache"]
@@ -372,10 +392,12 @@ def table(s: dict, why_not: str | None) -> str:
                      f"| {r['cpu_step_s'] / cache['cpu_step_s']:.2f}x | {', '.join(map(str, r['all_repeats_s']))} |")
     if "trl" not in s["modes"]:
         lines.append(f"| {names['trl']} | not run: {why_not} | | | | | | |")
-    lines += ["", f"cache vs online: **{s['speedup']:.2f}x** faster per step (bar: >= 1.8x); "
+    lines += ["", f"cache vs online: **{s['speedup']:.2f}x** faster per step (bar: >= 1.9x); "
               f"{s['speedup_cpu']:.2f}x in CPU time; per repeat {s['speedup_per_repeat']}; "
               f"{s['repeats']} interleaved repeats of the same {s['steps']} timed steps ({s['targets']} target tokens)",
-              "first-step loss (same batch; cache is quantized, online exact): "
+              f"cache vs ce (SFT): **{s['cache_vs_ce']:.2f}x** the CE step's time (bar: <= 1.10x); "
+              f"{s['cache_vs_ce_cpu']:.2f}x in CPU time",
+              "first-step loss (same batch; cache and online through the same codec; ce is the CE loss): "
               + ", ".join(f"{m} {v[0]:.4f}" for m, v in s["first_loss"].items() if v)]
     return "\n".join(lines)
 

@@ -38,6 +38,11 @@ class TeacherConfig:
     quantization: Literal["none", "4bit", "8bit"] = "none"  # bitsandbytes loading
     weight: float = 1.0  # fixed weight in the multi-teacher loss (normalised per token)
     domains: list[str] = field(default_factory=list)  # routing tags this teacher serves; empty = all
+    # Online distillation: `distill cache` writes no records for this teacher (tokens only) and
+    # `distill train` runs it on every micro-batch instead, through the same top-k and codec, so its
+    # signal is the one the cache would hold. Costs a teacher forward per step; saves the disk and
+    # the capture. Changing it means re-running `distill cache` (the manifest records it).
+    online: bool = False
 
 
 @dataclass
@@ -157,6 +162,8 @@ class TrainConfig:
     # synthetic experiment's student then fell from 99.5%/100% to 61%/76% retention.
     group_by_length: bool = False
     group_batches: int = 50  # length grouping sorts windows of this many global batches
+    # Run every teacher online (sets teachers.N.online for all teachers when the recipe loads).
+    online_teachers: bool = False
 
 
 @dataclass
@@ -339,6 +346,9 @@ def validate(r: Recipe) -> None:
         _require(bool(t.model.strip()), f"{key}.model", "must not be empty")
         _require(t.weight >= 0, f"{key}.weight", f"must be >= 0, got {t.weight}")
     _require(sum(t.weight for t in r.teachers) > 0, "teachers", "teacher weights sum to zero")
+    if r.train.online_teachers:  # resolved here, so the saved recipe shows which teachers run online
+        for t in r.teachers:
+            t.online = True
     _require(bool(r.student.model.strip()), "student.model", "must not be empty")
     _require(r.student.max_params > 0, "student.max_params", "must be > 0")
     if r.student.lora is not None:

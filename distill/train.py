@@ -5,12 +5,15 @@
     accelerate launch --config_file launch/ddp.yaml -m distill train recipe.yaml train.lr=2e-5
     distill train recipe.yaml --resume                          # continue from the last checkpoint
 
-The loop: build -> accelerator.prepare -> for each micro-batch: with accumulate():
-forward + loss, backward, clip, step. The student forward and the loss run inside
-one module (`StudentWithLoss`) so DDP and DeepSpeed see every parameter use inside
-their forward. The loss is a token SUM; it is normalised once, by the number of
-target tokens of the whole optimizer step across micro-batches and ranks, which
-every rank computes locally from the deterministic batch plan.
+The loop: build -> accelerator.prepare -> for each optimizer step: the public
+`distill.step.TrainStep` (forward + loss and backward per micro-batch, a finiteness
+check, clip, update; benchmarks call the same step). The student forward and the loss
+run inside one module (`StudentWithLoss`) so DDP and DeepSpeed see every parameter use
+inside their forward. The loss is a token SUM; it is normalised once, by the number of
+target tokens of the whole optimizer step across micro-batches and ranks, which every
+rank computes locally from the deterministic batch plan. Teachers come through
+`distill.signals`: cached ones from the cache, online ones (`teachers.N.online`) run on
+each micro-batch.
 """
 
 from __future__ import annotations
@@ -34,45 +37,9 @@ from distill.cache.store import CacheReader
 from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
 from distill.errors import DistillError
-from distill.logits import logit_transform
-from distill.loss import TeacherSignal, distill_loss, example_weights
+from distill.signals import CachedTeachers, Teachers, load_live_teachers
+from distill.step import NonFiniteStep, StudentWithLoss, TrainStep
 from distill.models import check_param_limit, load_model, load_tokenizer, save_pretrained, tokenizer_fingerprint
-
-
-class StudentWithLoss(torch.nn.Module):
-    """Student forward + chunked multi-teacher loss, as one module for DDP/DeepSpeed."""
-
-    def __init__(self, student, loss_cfg):
-        super().__init__()
-        self.student = student
-        self.loss_cfg = loss_cfg
-        self.config = student.config  # DeepSpeed's "auto" bucket sizes are read from model.config.hidden_size
-        self.logit_transform = logit_transform(student)  # what the student does after its head (Gemma 2 softcap...)
-
-    def forward(self, input_ids, attention_mask, select, targets, signal: TeacherSignal, token_weights):
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                           logits_to_keep=1, use_cache=False)
-        # hidden[:, t] predicts token t+1; keep only positions whose next token is a target.
-        hidden = out.hidden_states[-1][:, :-1][select]
-        head = self.student.get_output_embeddings()
-        # Each selected row's sample, in hidden's order (the batch's row_sample): min_ce_sequence ranks per sample.
-        row_sample = torch.arange(select.shape[0], device=select.device)[:, None].expand_as(select)[select]
-        res = distill_loss(hidden, head.weight, getattr(head, "bias", None), signal, targets, token_weights,
-                           self.loss_cfg, logit_transform=self.logit_transform, sequence_index=row_sample)
-        return {"loss_sum": res.loss_sum, "n_tokens": res.n_tokens, "div": res.teacher_div_sums,
-                "share": res.teacher_weight_sums, "ce": res.ce_sum}
-
-    def register_head_with_zero3(self) -> None:
-        """ZeRO-3 gathers a parameter only inside its owning module's forward, but the chunked
-        loss reads the LM head's weight (and bias) directly. Registering them as external
-        parameters of this wrapper makes DeepSpeed gather them for the wrapper's forward and
-        backward, and partition them again afterwards (works for tied embeddings and LoRA too)."""
-        import deepspeed
-
-        head = self.student.get_output_embeddings()
-        for p in (head.weight, getattr(head, "bias", None)):
-            if isinstance(p, torch.nn.Parameter):
-                deepspeed.zero.register_external_parameter(self, p)
 
 
 @dataclass
@@ -107,6 +74,10 @@ def build_accelerator(recipe: Recipe):
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
         if ds.deepspeed_config.get("gradient_clipping") == "auto":
             ds.deepspeed_config["gradient_clipping"] = recipe.train.max_grad_norm
+        if isinstance(ds.deepspeed_config.get("bf16"), dict):
+            # ZeRO under bf16 skips an update whose gradient norm is not finite only with this
+            # (fp32 always does): distill.step relies on it to never apply a non-finite step.
+            ds.deepspeed_config["bf16"]["check_grad_overflow"] = True
     return acc
 
 
@@ -130,6 +101,12 @@ def check_cache(reader: CacheReader, recipe: Recipe, tok) -> None:
     if reader.teacher_names != names:
         raise DistillError(f"{reader.dir}: cache holds teachers {reader.teacher_names}, recipe lists {names}; "
                            "rerun `distill cache`")
+    online = sorted(set(names) - set(reader.cached_names))
+    wanted = [t.name for t in recipe.teachers if t.online]
+    if online != sorted(wanted):
+        raise DistillError(f"{reader.dir}: cache was made with online teachers {online or 'none'}, recipe has "
+                           f"{wanted or 'none'} (teachers.N.online / train.online_teachers); rerun `distill cache` "
+                           "with cache.rebuild=true")
     if reader.manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tok):
         raise DistillError(f"{reader.dir}: the student's tokenizer differs from the one the cache was made with")
 
@@ -209,137 +186,183 @@ def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) ->
     return final
 
 
-def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, log=print) -> TrainResult:
-    start = time.time() if start is None else start
+@dataclass
+class Setup:
+    """What the loop needs, built once by `_setup`."""
+
+    acc: object
+    tok: object
+    reader: CacheReader
+    codec: object  # the cache's codec (and id order), not the recipe's
+    targets: object  # np.ndarray [samples]: target tokens per sample
+    wrapped: StudentWithLoss  # prepared by accelerate
+    step_fn: TrainStep
+    plans: B.PlanCache  # the deterministic batch plan (serves the loss normaliser)
+    plan_args: tuple
+    grouping: dict
+    micro_per_epoch: int
+    planned: int
+    padding: tuple[float, float]
+    n_params: int
+
+
+def build_teachers(recipe: Recipe, reader: CacheReader, codec, device) -> Teachers:
+    """Cached teachers from the cache, online ones loaded once and run on each micro-batch."""
+    sources = [CachedTeachers(codec, reader.cached_names), *load_live_teachers(recipe, codec, device)]
+    return Teachers(sources, recipe.teachers, reader.domains, recipe.loss.weighting)
+
+
+def _setup(recipe: Recipe, log) -> Setup:
     t = recipe.train
     acc = build_accelerator(recipe)
     torch.manual_seed(recipe.seed)
-    run_dir = Path(recipe.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = run_dir / "checkpoints"
-
     reader = CacheReader(recipe.cache.dir)
     tok = load_tokenizer(recipe.tokenizer or recipe.student.model,
                          gguf_file=None if recipe.tokenizer else recipe.student.gguf_file,
                          trust_remote_code=recipe.trust_remote_code, what="student tokenizer")
     check_cache(reader, recipe, tok)
     codec = codec_from_manifest(reader.manifest, reader.dir)  # the cache's codec (and id order), not the recipe's
-    dataset = B.CacheDataset(reader)
-    targets_per_sample = dataset.targets()
-    lengths = reader.lengths()
+    n = len(reader)
+    micro_per_epoch = n // (t.batch_size * acc.num_processes)  # full global batches per epoch
+    if micro_per_epoch == 0:
+        raise DistillError(f"train.batch_size: {t.batch_size} x {acc.num_processes} processes is more than the "
+                           f"{n} cached samples")
 
-    student = build_student(recipe, acc.device)
-    wrapped = StudentWithLoss(student, recipe.loss)
+    wrapped = StudentWithLoss(build_student(recipe, acc.device), recipe.loss)
     if zero_stage(acc) == 3:
         wrapped.register_head_with_zero3()
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-
-    micro_per_epoch = len(dataset) // (t.batch_size * acc.num_processes)  # full global batches per epoch
-    if micro_per_epoch == 0:
-        raise DistillError(f"train.batch_size: {t.batch_size} x {acc.num_processes} processes is more than the "
-                           f"{len(dataset)} cached samples")
-    plan_args = (len(dataset), t.batch_size, acc.num_processes, recipe.seed)
+    plan_args = (n, t.batch_size, acc.num_processes, recipe.seed)
+    lengths = reader.lengths()
     grouping = {"lengths": lengths if t.group_by_length else None, "group_batches": t.group_batches}
     plans = B.PlanCache(*plan_args, micro_per_epoch, **grouping)
     padding = (B.padding_fraction(plans.get(0), lengths), B.padding_fraction(B.epoch_plan(*plan_args, 0), lengths))
     planned = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, planned))
     wrapped, opt = acc.prepare(wrapped, opt)
-    log(f"train: {setup_line(acc)}")
     acc.register_for_checkpointing(sched)
+    teachers = build_teachers(recipe, reader, codec, acc.device)
+    online = [tt.name for tt in recipe.teachers if tt.online]
+    log(f"train: {setup_line(acc)}" + (f"; online teachers: {', '.join(online)}" if online else ""))
+    step_fn = TrainStep(acc, wrapped, opt, sched, teachers, t.max_grad_norm)
+    return Setup(acc, tok, reader, codec, reader.row_counts(), wrapped, step_fn, plans, plan_args, grouping, micro_per_epoch, planned, padding,
+                 sum(p.numel() for p in params))
 
-    step, micro, tokens_seen = 0, 0, 0
-    if resume:
-        if acc.is_main_process:
-            ckpt.clean_tmp(ckpt_root)
-        last = ckpt.latest(ckpt_root)
-        if last is None:
-            raise DistillError(f"--resume: no complete checkpoint under {ckpt_root}")
-        ckpt.verify(last)
-        acc.load_state(str(last))
-        st = ckpt.read_state(last)
-        step, micro, tokens_seen = st["step"], st["micro"], st["tokens"]
-        log(f"resumed from {last} at step {step}")
 
-    # The loader walks the same plan from the resume position, with its own PlanCache (it runs
-    # ahead of the loop by the prefetch depth); `plans` above serves the loss normaliser.
-    cuda = acc.device.type == "cuda"
+def _resume(acc, ckpt_root: Path, log) -> tuple[int, int, int]:
+    """(step, micro-batches consumed, target tokens seen) of the newest complete checkpoint, loaded."""
+    if acc.is_main_process:
+        ckpt.clean_tmp(ckpt_root)
+    last = ckpt.latest(ckpt_root)
+    if last is None:
+        raise DistillError(f"--resume: no complete checkpoint under {ckpt_root}")
+    ckpt.verify(last)
+    acc.load_state(str(last))
+    st = ckpt.read_state(last)
+    log(f"resumed from {last} at step {st['step']}")
+    return st["step"], st["micro"], st["tokens"]
+
+
+def _loader(recipe: Recipe, s: Setup, micro: int, log):
+    """Micro-batches of this rank from micro-batch `micro` on, in plan order."""
+    t = recipe.train
+    cuda = s.acc.device.type == "cuda"
     workers = t.num_workers if t.num_workers is not None else (2 if cuda else 0)
-    sampler = B.MicroBatchSampler(B.PlanCache(*plan_args, micro_per_epoch, **grouping), acc.process_index,
-                                  start=micro, stop=planned * t.grad_accum)
+    # The loader walks the same plan from the resume position with its own PlanCache (it runs
+    # ahead of the loop by the prefetch depth).
+    sampler = B.MicroBatchSampler(B.PlanCache(*s.plan_args, s.micro_per_epoch, **s.grouping), s.acc.process_index,
+                                  start=micro, stop=s.planned * t.grad_accum)
     # On CUDA the compact records go to the device and are decoded there; on CPU workers decode them.
-    loader = B.make_loader(dataset, sampler, tok.pad_token_id, workers=workers, pin_memory=cuda,
-                           codec=None if cuda or workers == 0 else codec)
-    micro_batches = iter(loader)
-    log(f"batches: {workers} loader workers per process; padding {padding[0]:.1%} of tokens "
-        f"({padding[1]:.1%} without length grouping)")
+    loader = B.make_loader(B.CacheDataset(s.reader), sampler, s.tok.pad_token_id, workers=workers, pin_memory=cuda,
+                           codec=None if cuda or workers == 0 else s.codec)
+    log(f"batches: {workers} loader workers per process; padding {s.padding[0]:.1%} of tokens "
+        f"({s.padding[1]:.1%} without length grouping)")
+    return iter(loader)
 
+
+def _init_trackers(acc, recipe: Recipe, run_dir: Path) -> None:
     if recipe.wandb.enabled:
         init = {"mode": recipe.wandb.mode, "dir": str(run_dir), "name": recipe.wandb.run_name or recipe.name}
         if recipe.wandb.entity:
             init["entity"] = recipe.wandb.entity
         acc.init_trackers(recipe.wandb.project, config=recipe_dict(recipe), init_kwargs={"wandb": init})
 
-    n_params = sum(p.numel() for p in params)
-    budget = Budget(start, t.budget_minutes, t.eval_reserve_minutes, save_guess_s=1.0 + n_params * 16 / 200e6)
-    teacher_w = [tt.weight for tt in recipe.teachers]
-    teacher_dom = [tt.domains for tt in recipe.teachers]
+
+def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, log=print) -> TrainResult:
+    start = time.time() if start is None else start
+    run_dir = Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run_dir / "checkpoints"
+    s = _setup(recipe, log)
+    acc = s.acc
+    pos = _resume(acc, ckpt_root, log) if resume else (0, 0, 0)
+    micro_batches = _loader(recipe, s, pos[1], log)
+    _init_trackers(acc, recipe, run_dir)
     history = run_dir / "train_log.jsonl"
     if resume and acc.is_main_process:
-        _truncate_history(history, step)
-    bar = tqdm(total=planned, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
+        _truncate_history(history, pos[0])
+    budget = Budget(start, recipe.train.budget_minutes, recipe.train.eval_reserve_minutes,
+                    save_guess_s=1.0 + s.n_params * 16 / 200e6)
+    step, micro, tokens_seen, stopped_by, last_loss = _loop(recipe, s, micro_batches, pos, budget, ckpt_root,
+                                                            history)
+    del micro_batches  # stops the loader workers before the saves
+    final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
+                                  recipe.train.keep_last)
+    _save_student(acc, s.wrapped, s.tok, run_dir / "student")
+    wall = time.time() - start
+    result = TrainResult(step, s.planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
+                         str(final_ckpt), *s.padding)
+    if acc.is_main_process:
+        (run_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=1) + "\n")
+        log(f"train: {step}/{s.planned} steps ({'stopped by the time budget' if stopped_by == 'budget' else 'done'}"
+            f"), {tokens_seen} target tokens, {wall:.1f}s; student saved to {run_dir / 'student'}")
+    acc.end_training()
+    return result
+
+
+def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], budget: Budget, ckpt_root: Path,
+          history: Path) -> tuple[int, int, int, str, float | None]:
+    """Optimizer steps until the plan or the budget ends: (step, micro, tokens seen, stopped_by, last loss)."""
+    t, acc = recipe.train, s.acc
+    step, micro, tokens_seen = pos
+    bar = tqdm(total=s.planned, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
     stopped_by, last_loss = "done", None
     window = _new_window()
-    while step < planned:
+    while step < s.planned:
         if not _agree(acc, budget.fits_another_step(time.time())):
             stopped_by = "budget"
             break
         t_step = time.time()
         # Target tokens of this whole optimizer step, over micro-batches and ranks: the
         # same number on every rank, known before the step, so the loss is normalised once.
-        norm = sum(int(targets_per_sample[plans.batch(m)].sum()) for m in range(micro, micro + t.grad_accum))
-        step_loss = torch.zeros((), device=acc.device)
-        for _ in range(t.grad_accum):
-            batch = next(micro_batches)
-            out = _micro_step(acc, wrapped, batch, codec, teacher_w, teacher_dom, reader.domains, recipe, norm)
-            micro += 1
-            step_loss += out["loss_sum"]
-            for key in ("loss", "tokens", "div", "share"):
-                window[key] = out[key] if window[key] is None else window[key] + out[key]
-        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-        # One host sync per optimizer step (none per micro-batch): a non-finite loss or gradient
-        # stops the run before the update, so every checkpoint on disk holds finite weights.
-        _check_finite(acc, step_loss if grad_norm is None else step_loss + grad_norm, step, ckpt_root)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        norm = sum(int(s.targets[s.plans.batch(m)].sum()) for m in range(micro, micro + t.grad_accum))
+        try:
+            # The step checks loss and gradient norm before its update (one host sync), so
+            # every checkpoint on disk holds finite weights.
+            out = s.step_fn([next(micro_batches) for _ in range(t.grad_accum)], norm)
+        except NonFiniteStep as exc:
+            last = ckpt.latest(ckpt_root)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+            raise DistillError(f"training diverged at step {step + 1}: {exc}; {kept} "
+                               "(try a lower train.lr or train.max_grad_norm)") from None
+        micro += t.grad_accum
+        for key in ("loss", "tokens", "div", "share"):
+            window[key] = out[key] if window[key] is None else window[key] + out[key]
         step += 1
         tokens_seen += norm  # global target tokens of the step (all ranks)
         budget.step_s.append(time.time() - t_step)
         bar.update(1)
-        if step % t.log_every_steps == 0 or step == planned:
-            last_loss = _log(acc, bar, window, step, sched, recipe, history)
-        if t.save_every_steps and step % t.save_every_steps == 0 and step < planned:
+        if step % t.log_every_steps == 0 or step == s.planned:
+            last_loss = _log(acc, bar, window, step, s.step_fn.sched, recipe, history)
+        if t.save_every_steps and step % t.save_every_steps == 0 and step < s.planned:
             t0 = time.time()
             _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen}, t.keep_last)
             budget.save_s = max(budget.save_s, 2 * (time.time() - t0))
     bar.close()
-    del micro_batches  # stops the loader workers before the saves
     if window["tokens"] is not None:
-        last_loss = _log(acc, bar, window, step, sched, recipe, history)
-    final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
-                                  t.keep_last)
-    _save_student(acc, wrapped, tok, run_dir / "student")
-    wall = time.time() - start
-    result = TrainResult(step, planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
-                         str(final_ckpt), *padding)
-    if acc.is_main_process:
-        (run_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=1) + "\n")
-        log(f"train: {step}/{planned} steps ({'stopped by the time budget' if stopped_by == 'budget' else 'done'}), "
-            f"{tokens_seen} target tokens, {wall:.1f}s; student saved to {run_dir / 'student'}")
-    acc.end_training()
-    return result
+        last_loss = _log(acc, bar, window, step, s.step_fn.sched, recipe, history)
+    return step, micro, tokens_seen, stopped_by, last_loss
 
 
 def _agree(acc, flag: bool) -> bool:
@@ -350,30 +373,6 @@ def _agree(acc, flag: bool) -> bool:
 
     t = torch.tensor([1 if flag else 0], device=acc.device)
     return bool(broadcast(t, from_process=0).item())
-
-
-def _micro_step(acc, wrapped, batch: dict, codec, teacher_w, teacher_dom, domain_names: list[str],
-                recipe: Recipe, norm: int) -> dict:
-    dev = acc.device
-    if "signal" in batch:  # decoded by a loader worker
-        signal = TeacherSignal(*(x.to(dev, non_blocking=True) for x in batch["signal"]))
-    else:
-        signal = B.decode_signal(codec, batch["records"].to(dev, non_blocking=True))
-    names = [None if d < 0 else domain_names[d] for d in batch["domains"].tolist()]
-    ex_w = example_weights(teacher_w, teacher_dom, names, recipe.loss.weighting).to(dev)
-    token_w = ex_w[:, batch["row_sample"].to(dev)]
-    with acc.accumulate(wrapped):
-        out = wrapped(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["select"].to(dev),
-                      batch["targets"].to(dev), signal, token_w)
-        # accelerate divides by grad_accum and DDP/DeepSpeed average over ranks: undo both,
-        # so the gradient is exactly sum(token losses) / (global target tokens of the step).
-        scale = acc.num_processes * recipe.train.grad_accum / max(norm, 1)
-        acc.backward(out["loss_sum"] * scale)
-    # Device tensors, summed over the log window; nothing here waits for the device.
-    loss_sum = out["loss_sum"].detach().float()
-    return {"loss_sum": loss_sum, "loss": loss_sum.reshape(1),
-            "tokens": torch.tensor([float(out["n_tokens"])], device=dev),
-            "div": out["div"].detach().float(), "share": out["share"].detach().float()}
 
 
 def _truncate_history(history: Path, step: int) -> None:
@@ -388,18 +387,6 @@ def _truncate_history(history: Path, step: int) -> None:
 
 def _new_window() -> dict:
     return {"loss": None, "tokens": None, "div": None, "share": None, "t0": time.time()}
-
-
-def _check_finite(acc, value: torch.Tensor, step: int, ckpt_root: Path) -> None:
-    """Raise on every rank together when any rank's loss (or the gradient norm) is not finite."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=acc.device).reshape(1)
-    if acc.num_processes > 1:
-        value = acc.reduce(value, reduction="sum")  # a NaN or inf anywhere reaches every rank
-    if not bool(torch.isfinite(value).all()):
-        last = ckpt.latest(ckpt_root)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        raise DistillError(f"training diverged at step {step + 1}: non-finite loss or gradient norm; {kept} "
-                           "(try a lower train.lr or train.max_grad_norm)")
 
 
 def _log(acc, bar, window: dict, step: int, sched, recipe: Recipe, history: Path) -> float | None:

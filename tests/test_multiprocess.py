@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,73 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tiny_world, tmp_path):
         for name in ("zero2", "zero3", "zero3_partitioned"):
             # DeepSpeed reduces gradients in buckets of its own order: equal up to float rounding.
             assert torch.allclose(v, students[name][k], atol=2e-5), (name, k, (v - students[name][k]).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+def test_divergence_under_ddp_and_zero2_keeps_the_last_finite_weights(tiny_world, tmp_path, launch):
+    """A NaN in one cached teacher record (what a teacher overflowing in half precision writes)
+    under total variation gives a NaN loss with finite gradients: no gradient check can see it, and
+    under DeepSpeed accelerate's backward would already have stepped the engine. The run must stop
+    with the one-line error before the update, so the checkpoints on disk are all finite and the
+    last one is the step before; the failing step's update never happens."""
+    from safetensors.torch import load_file
+
+    from distill import batches as B
+    from distill.cache import store
+    from distill.checkpoint import latest, verify
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = tiny_recipe(tiny_world, tmp_path / "run", cache={"top_k": 4, "batch_size": 8, "shard_tokens": 200,
+                                                              "codec": "fp16"},
+                         loss={"divergence": "tvd"},
+                         train={"max_steps": 6, "batch_size": 2, "lr": 1e-2, "schedule": "constant",
+                                "save_every_steps": 1, "log_every_steps": 100})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_capture(load_recipe(path))
+    # Poison one logprob of the first sample of step 4's global micro-batch (the trainer's plan).
+    reader = store.CacheReader(tmp_path / "run" / "cache")
+    plans = B.PlanCache(len(reader), 2, 2, 0, len(reader) // 4)
+    victim = plans.batch(3)[0]
+    shard, j = reader._locate(victim)
+    row = int(shard.row_offsets[j])
+    f = tmp_path / "run" / "cache" / shard.name / store.teacher_file("ta")
+    rows = np.load(f)
+    rows[row, 8:10] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # fp16 codec: 4 uint16 ids, then logprobs
+    np.save(f, rows)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    extra = ["--multi_gpu"] if launch == "ddp" else ["--config_file", "launch/zero2.yaml", "--mixed_precision", "no"]
+    if launch == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [ACCELERATE, "launch", *extra, "--num_processes", "2", "--main_process_port", "29619",
+           "-m", "distill", "train", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=900)
+    assert proc.returncode != 0
+    assert "distill: error: training diverged at step 4: non-finite loss" in proc.stderr, proc.stderr[-3000:]
+    last = latest(tmp_path / "run" / "checkpoints")
+    assert last is not None and last.name == "step-00000003", last
+    verify(last)
+    files = sorted(last.glob("**/*.safetensors")) or sorted(last.glob("**/*model_states.pt"))
+    assert files, sorted(last.rglob("*"))
+    weights = load_file(files[0]) if files[0].suffix == ".safetensors" else \
+        torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    assert weights and all(bool(torch.isfinite(v).all()) for v in weights.values())
+
+
+@pytest.mark.slow
+def test_zero2_step_skips_a_non_finite_update(tiny_world, tmp_path):
+    """Under ZeRO-2, accelerate's backward steps the engine before anything can be checked; the
+    public step must not: a NaN loss (finite gradients) raises NonFiniteStep, weights untouched."""
+    root = Path(__file__).resolve().parent.parent
+    recipe = tiny_recipe(tiny_world, tmp_path / "run", loss={"divergence": "tvd"},
+                         train={"batch_size": 2, "lr": 1e-2, "mixed_precision": "no"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_capture(load_recipe(path))
+    cmd = [ACCELERATE, "launch", "--config_file", "launch/zero2.yaml", "--num_processes", "2", "--mixed_precision",
+           "no", "--main_process_port", "29621", str(root / "tests" / "step_probe.py"), str(path),
+           str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["raised"] and out["unchanged"] and out["tensors"] > 10, out

@@ -362,12 +362,13 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
                 store.record_file(cache_dir, name, fname, rec)
 
     manifest = store.read_manifest(cache_dir)
+    cached = [t for t in recipe.teachers if not t.online]  # online teachers run in `distill train` instead
     pending = {t.name: [s for s in mine if store.teacher_file(t.name) not in manifest["shards"][s]["files"]]
-               for t in recipe.teachers}
+               for t in cached}
     report.shards_skipped = sum(1 for s in mine if store.is_shard_complete(manifest, s))
     total = sum(len(v) for v in pending.values())
     bar = tqdm(total=total, desc="cache", unit="shard·teacher", disable=not main or total == 0)
-    for group in sorted(groups(recipe.teachers), key=lambda g: not loader.holds(g)):  # a loaded group first
+    for group in sorted(groups(cached), key=lambda g: not loader.holds(g)):  # a loaded group first
         if not any(pending[t.name] for t in group):
             continue
         model = loader.get(group)

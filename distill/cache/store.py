@@ -11,6 +11,8 @@ Layout of a cache directory (documented for users in README.md "Cache format"):
         row_offsets.npy        int64  [n_samples + 1]   teacher-row offset of each sample
         domains.npy            int16  [n_samples]       index into manifest "domains", -1 = none
         teacher-<name>.npy     uint8  [n_rows, record_bytes]   one row per target token, codec records
+                                                       (none for an online teacher: "online": true in
+                                                       its manifest record; train runs it live)
 
 A target token i of a sample has one row per teacher: the teacher's distribution at
 position i-1 (which predicts token i), encoded by the manifest's codec. A sample's
@@ -117,8 +119,13 @@ def record_file(cache_dir: Path, shard: str, fname: str, record: dict) -> None:
         write_json_atomic(cache_dir / "manifest.json", manifest)
 
 
+def cached_teachers(manifest: dict) -> list[str]:
+    """Names of the teachers whose records the cache holds (online teachers have none)."""
+    return [t["name"] for t in manifest["teachers"] if not t.get("online", False)]
+
+
 def expected_files(manifest: dict) -> list[str]:
-    return list(TOKEN_FILES) + [teacher_file(t["name"]) for t in manifest["teachers"]]
+    return list(TOKEN_FILES) + [teacher_file(name) for name in cached_teachers(manifest)]
 
 
 def is_shard_complete(manifest: dict, shard: str) -> bool:
@@ -152,6 +159,7 @@ class CacheReader:
         elif verify == "sizes":
             self.verify(full=False)
         self.teacher_names = [t["name"] for t in self.manifest["teachers"]]
+        self.cached_names = cached_teachers(self.manifest)  # records [n_cached, rows, R], this order
         self.domains: list[str] = self.manifest["domains"]
         self.record_bytes = int(self.manifest["codec"]["record_bytes"])
         self._shards: list[_Shard] = []
@@ -162,7 +170,7 @@ class CacheReader:
             load = lambda f: np.load(d / f, mmap_mode="r", allow_pickle=False)  # noqa: E731
             shard = _Shard(name, first, load("input_ids.npy"), load("target_mask.npy"),
                            load("sample_offsets.npy"), load("row_offsets.npy"), load("domains.npy"),
-                           [load(teacher_file(t)) for t in self.teacher_names])
+                           [load(teacher_file(t)) for t in self.cached_names])
             self._shards.append(shard)
             self._starts.append(first)
             first += len(shard.sample_offsets) - 1
@@ -213,7 +221,8 @@ class CacheReader:
             "input_ids": np.asarray(shard.input_ids[t0:t1], dtype=np.int64),
             "target_mask": np.asarray(shard.target_mask[t0:t1], dtype=bool),
             "domain": int(shard.domains[j]),
-            "records": np.stack([np.asarray(t[r0:r1]) for t in shard.teachers]),
+            "records": np.stack([np.asarray(t[r0:r1]) for t in shard.teachers]) if shard.teachers
+            else np.zeros((0, r1 - r0, self.record_bytes), np.uint8),
         }
 
     def lengths(self) -> np.ndarray:

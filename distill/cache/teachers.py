@@ -16,9 +16,12 @@ from distill.models import attach_adapter, load_model
 
 
 def teacher_record(t: TeacherConfig) -> dict:
-    """What identifies a teacher's outputs (recorded in the cache manifest)."""
+    """What identifies a teacher's outputs (recorded in the cache manifest). `"online": true` marks
+    a teacher whose records the cache does not hold (train runs it); absent otherwise, so caches
+    written before online teachers existed keep their identity."""
     return {"name": t.name, "model": t.model, "revision": t.revision, "adapter": t.adapter,
-            "gguf_file": t.gguf_file, "dtype": t.dtype, "quantization": t.quantization}
+            "gguf_file": t.gguf_file, "dtype": t.dtype, "quantization": t.quantization} \
+        | ({"online": True} if t.online else {})
 
 
 def group_key(t: TeacherConfig) -> tuple:
