@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
 from distill.errors import DistillError
 from distill.loss import TeacherSignal, distill_loss, example_weights
-from distill.models import check_param_limit, load_model, load_tokenizer, save_pretrained, tokenizer_fingerprint
+from distill.models import (check_param_limit, load_model, load_tokenizer, resolve_dtype, save_pretrained,
+                            tokenizer_fingerprint)
 
 
 class StudentWithLoss(torch.nn.Module):
@@ -130,9 +132,39 @@ def check_cache(reader: CacheReader, recipe: Recipe, tok) -> None:
         raise DistillError(f"{reader.dir}: the student's tokenizer differs from the one the cache was made with")
 
 
-def build_student(recipe: Recipe, device):
+def deepspeed_dtype(acc) -> torch.dtype | None:
+    """The dtype DeepSpeed casts the student to (it keeps fp32 master weights itself); None without it."""
+    if acc.state.deepspeed_plugin is None:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+
+
+def student_dtypes(recipe: Recipe, device, ds_dtype: torch.dtype | None = None):
+    """(dtype the student is loaded in, dtype its trainable weights are held in; None: DeepSpeed's call).
+
+    Plain accelerate only adds autocast, so the weights AdamW updates must be fp32 here: on bf16
+    weights an update below half an ulp rounds away (20 steps at lr 2e-5: 88% never change).
+    A full student is loaded straight into fp32 (one copy, no bf16 detour); a LoRA student's frozen
+    base keeps `student.dtype` (auto: bf16 on CUDA) and only its adapters are fp32.
+    """
     s = recipe.student
-    model = load_model(s.model, revision=s.revision, gguf_file=s.gguf_file, dtype=s.dtype,
+    if recipe.train.pure_bf16:
+        if ds_dtype is not None:
+            raise DistillError("train.pure_bf16: DeepSpeed's bf16 mode always keeps fp32 master weights; "
+                               "drop pure_bf16 or launch without DeepSpeed")
+        return torch.bfloat16, torch.bfloat16
+    if ds_dtype is not None:  # DeepSpeed casts the module to its dtype: load in it, not in fp32 first
+        return (ds_dtype if s.dtype == "auto" else resolve_dtype(s.dtype)), None
+    if s.dtype != "auto":
+        return resolve_dtype(s.dtype), torch.float32
+    return (resolve_dtype("auto", device) if s.lora is not None else torch.float32), torch.float32
+
+
+def build_student(recipe: Recipe, device, ds_dtype: torch.dtype | None = None):
+    """The student, trainable weights in the dtype `student_dtypes` gives; `ds_dtype` as `deepspeed_dtype`."""
+    s = recipe.student
+    load_dtype, train_dtype = student_dtypes(recipe, device, ds_dtype)
+    model = load_model(s.model, revision=s.revision, gguf_file=s.gguf_file, dtype=load_dtype,
                        trust_remote_code=recipe.trust_remote_code, what="student.model")
     check_param_limit(model, s.max_params)
     if s.gradient_checkpointing:
@@ -146,7 +178,25 @@ def build_student(recipe: Recipe, device):
             # The chunked loss multiplies by the head's weight itself, so an adapter there would be ignored.
             raise DistillError(f"student.lora.target_modules: {s.lora.target_modules} puts an adapter on the "
                                "output head; leave the head out (the chunked loss reads the head weight directly)")
+    if train_dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != train_dtype:
+                p.data = p.data.to(train_dtype)  # in place: tied weights stay one parameter
+    if recipe.train.pure_bf16:
+        warnings.warn("train.pure_bf16: the student's weights and AdamW state are bf16, with no fp32 master "
+                      "copy; an update below half a bf16 ulp (~0.2% of the weight) rounds away, so at "
+                      "fine-tuning learning rates most weights may never change. Leave it off to train fp32 "
+                      "master weights under bf16 autocast.", UserWarning, stacklevel=2)
     return model
+
+
+def save_guess_s(model, trainable) -> float:
+    """Seconds the final save may take, until a checkpoint save is measured: the last checkpoint
+    (every weight, plus AdamW's two fp32 moments per trainable weight) and the student, which for
+    LoRA is the merged full model however few weights trained, written at ~200 MB/s, plus 1 s."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = 8 * sum(p.numel() for p in trainable)
+    return 1.0 + (2 * weights + moments) / 200e6
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -224,11 +274,12 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     targets_per_sample = dataset.targets()
     lengths = reader.lengths()
 
-    student = build_student(recipe, acc.device)
+    student = build_student(recipe, acc.device, deepspeed_dtype(acc))
     wrapped = StudentWithLoss(student, recipe.loss)
     if zero_stage(acc) == 3:
         wrapped.register_head_with_zero3()
     params = [p for p in wrapped.parameters() if p.requires_grad]
+    save_guess = save_guess_s(student, params)  # before prepare: ZeRO-3 then partitions the weights
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     micro_per_epoch = len(dataset) // (t.batch_size * acc.num_processes)  # full global batches per epoch
@@ -277,8 +328,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
             init["entity"] = recipe.wandb.entity
         acc.init_trackers(recipe.wandb.project, config=recipe_dict(recipe), init_kwargs={"wandb": init})
 
-    n_params = sum(p.numel() for p in params)
-    budget = Budget(start, t.budget_minutes, t.eval_reserve_minutes, save_guess_s=1.0 + n_params * 16 / 200e6)
+    budget = Budget(start, t.budget_minutes, t.eval_reserve_minutes, save_guess_s=save_guess)
     teacher_w = [tt.weight for tt in recipe.teachers]
     teacher_dom = [tt.domains for tt in recipe.teachers]
     history = run_dir / "train_log.jsonl"
