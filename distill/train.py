@@ -226,10 +226,21 @@ class Budget:
         return now + step + self.save_s < self.deadline
 
 
-def _save_student(acc, wrapped, tok, out: Path) -> None:
-    """Gather (ZeRO-3 included) and save a `from_pretrained`-loadable student; LoRA is merged."""
-    state = acc.get_state_dict(wrapped)
+def _save_student(acc, wrapped, tok, out: Path, checkpoint_dir: Path | None = None) -> None:
+    """Gather (ZeRO-3 included) and save a `from_pretrained`-loadable student; LoRA is merged.
+
+    A full student is saved in fp32, as trained. Under DeepSpeed bf16/fp16 the module holds only a
+    16-bit copy (rounding away the last updates), so the fp32 masters are read from `checkpoint_dir`, the
+    DeepSpeed checkpoint just written."""
     model = acc.unwrap_model(wrapped).student
+    masters = checkpoint_dir is not None and deepspeed_dtype(acc) in (torch.bfloat16, torch.float16)
+    if masters and not hasattr(model, "merge_and_unload"):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        acc.wait_for_everyone()
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir)) if acc.is_main_process else {}
+    else:
+        state = acc.get_state_dict(wrapped)
     if acc.is_main_process:
         state = {k.removeprefix("student."): v for k, v in state.items()}
         if hasattr(model, "merge_and_unload"):
@@ -240,10 +251,21 @@ def _save_student(acc, wrapped, tok, out: Path) -> None:
         else:
             tmp = out.with_name(out.name + ".tmp")
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            _record_dtype(tmp / "config.json", state)
             tok.save_pretrained(tmp)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     acc.wait_for_everyone()
+
+
+def _record_dtype(config: Path, state: dict) -> None:
+    """config.json's `dtype` (what `from_pretrained` loads by default) as the saved tensors': save_pretrained
+    records the module's, which under DeepSpeed is its 16-bit copy, not the fp32 masters saved."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        cfg = json.loads(config.read_text())
+        cfg["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) -> Path:
@@ -376,7 +398,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
         last_loss = _log(acc, bar, window, step, sched, recipe, history)
     final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
                                   t.keep_last)
-    _save_student(acc, wrapped, tok, run_dir / "student")
+    _save_student(acc, wrapped, tok, run_dir / "student", final_ckpt)
     wall = time.time() - start
     result = TrainResult(step, planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
                          str(final_ckpt), *padding)

@@ -156,3 +156,32 @@ def test_pure_bf16_is_opt_in_and_warns(recipe_for):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(ConfigError, match="train.pure_bf16"):
         recipe_for("pure32", ["train.pure_bf16=true", "student.dtype=float32"])
+
+
+@pytest.mark.slow  # two DeepSpeed processes, ~30 s
+def test_deepspeed_bf16_keeps_fp32_masters_and_saves_them(recipe_for, bf16_base, tmp_path):
+    """launch/zero2.yaml as shipped, bf16 from the recipe: DeepSpeed trains fp32 masters (4 steps at
+    lr 2e-5 move every weight) and the student is saved from them in fp32, not from the module's
+    bf16 copy (which rounds most of those updates away)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    recipe = recipe_for("ds", ["train.lr=2e-5", "train.schedule=constant", "train.batch_size=2"])
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    root = Path(__file__).resolve().parent.parent
+    cmd = [accelerate, "launch", "--config_file", "launch/zero2.yaml", "--num_processes", "2",
+           "--main_process_port", "29641", "-m", "distill", "train", str(tmp_path / "ds.yaml"),
+           f"cache.dir={recipe.cache.dir}", "train.lr=2e-5", "train.schedule=constant", "train.batch_size=2",
+           "train.mixed_precision=bf16"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "train: DeepSpeed ZeRO-2, 2 processes on cpu, mixed precision bf16" in proc.stdout, proc.stdout[-2000:]
+    run = Path(recipe.run_dir)
+    base, student = _weights(bf16_base), _weights(run / "student")
+    assert base.keys() == student.keys() and {v.dtype for v in student.values()} == {torch.float32}
+    changed = sum(int((student[k] != base[k].float()).sum()) for k in base)
+    assert changed >= 0.99 * sum(v.numel() for v in base.values())
+    assert json.loads((run / "student" / "config.json").read_text())["dtype"] == "float32"
