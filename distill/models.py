@@ -20,8 +20,10 @@ from distill.errors import DistillError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA and float32 elsewhere."""
+def resolve_dtype(name: str | torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere; a torch.dtype is returned as it is."""
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
         dev = torch.device(device) if device is not None else None
         on_cuda = (dev is not None and dev.type == "cuda") or (dev is None and torch.cuda.is_available())
@@ -71,7 +73,7 @@ def load_tokenizer(ref: str, *, revision: str | None = None, gguf_file: str | No
 
 
 def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None = None,
-               dtype: str = "auto", quantization: str = "none", adapter: str | None = None,
+               dtype: str | torch.dtype = "auto", quantization: str = "none", adapter: str | None = None,
                trust_remote_code: bool = False, device: torch.device | str | None = None,
                what: str = "model"):
     """A causal LM ready for inference or training; LoRA `adapter` attached (not merged) when given."""

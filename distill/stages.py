@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +142,21 @@ def publish(recipe: Recipe, dry_run: bool = False, log=print) -> None:
 
 def run_all(recipe: Recipe, state=None, resume: bool = False, dry_run: bool = False,
             start: float | None = None, log=print) -> None:
-    """cache -> train -> eval (-> publish when publish.push or --dry-run)."""
+    """cache -> train -> eval (-> publish when publish.push or --dry-run).
+
+    `start`: when the command began (default: now), for the closing line. train.budget_minutes is
+    counted from the start of the train stage, so the cache stage is not charged to it.
+    """
+    start = time.time() if start is None else start
     if state is not None and state.num_processes > 1:
         raise DistillError("`distill run` chains stages in one process; launch `distill cache` and "
                            "`distill train` with accelerate separately")
     cache(recipe, None, log)
-    train(recipe, resume=resume, start=start, log=log)
+    train_start = time.time()
+    train(recipe, resume=resume, start=train_start, log=log)
     if recipe.eval.tasks:
         evaluate(recipe, log=log)
     if recipe.publish.push or dry_run:
         publish(recipe, dry_run=dry_run, log=log)
+    log(f"run: done in {time.time() - start:.0f}s; the train budget started {train_start - start:.0f}s in, "
+        "after the cache stage")

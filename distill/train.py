@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,10 @@ from distill.cache.store import CacheReader
 from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
 from distill.errors import DistillError
+from distill.models import (check_param_limit, load_model, load_tokenizer, resolve_dtype, save_pretrained,
+                            tokenizer_fingerprint)
 from distill.signals import CachedTeachers, Teachers, load_live_teachers
 from distill.step import NonFiniteStep, StudentWithLoss, TrainStep
-from distill.models import check_param_limit, load_model, load_tokenizer, save_pretrained, tokenizer_fingerprint
 
 
 @dataclass
@@ -111,9 +113,39 @@ def check_cache(reader: CacheReader, recipe: Recipe, tok) -> None:
         raise DistillError(f"{reader.dir}: the student's tokenizer differs from the one the cache was made with")
 
 
-def build_student(recipe: Recipe, device):
+def deepspeed_dtype(acc) -> torch.dtype | None:
+    """The dtype DeepSpeed casts the student to (it keeps fp32 master weights itself); None without it."""
+    if acc.state.deepspeed_plugin is None:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+
+
+def student_dtypes(recipe: Recipe, device, ds_dtype: torch.dtype | None = None):
+    """(dtype the student is loaded in, dtype its trainable weights are held in; None: DeepSpeed's call).
+
+    Plain accelerate only adds autocast, so the weights AdamW updates must be fp32 here: on bf16
+    weights an update below half an ulp rounds away (20 steps at lr 2e-5: 88% never change).
+    A full student is loaded straight into fp32 (one copy, no bf16 detour); a LoRA student's frozen
+    base keeps `student.dtype` (auto: bf16 on CUDA) and only its adapters are fp32.
+    """
     s = recipe.student
-    model = load_model(s.model, revision=s.revision, gguf_file=s.gguf_file, dtype=s.dtype,
+    if recipe.train.pure_bf16:
+        if ds_dtype is not None:
+            raise DistillError("train.pure_bf16: DeepSpeed's bf16 mode always keeps fp32 master weights; "
+                               "drop pure_bf16 or launch without DeepSpeed")
+        return torch.bfloat16, torch.bfloat16
+    if ds_dtype is not None:  # DeepSpeed casts the module to its dtype: load in it, not in fp32 first
+        return (ds_dtype if s.dtype == "auto" else resolve_dtype(s.dtype)), None
+    if s.dtype != "auto":
+        return resolve_dtype(s.dtype), torch.float32
+    return (resolve_dtype("auto", device) if s.lora is not None else torch.float32), torch.float32
+
+
+def build_student(recipe: Recipe, device, ds_dtype: torch.dtype | None = None):
+    """The student, trainable weights in the dtype `student_dtypes` gives; `ds_dtype` as `deepspeed_dtype`."""
+    s = recipe.student
+    load_dtype, train_dtype = student_dtypes(recipe, device, ds_dtype)
+    model = load_model(s.model, revision=s.revision, gguf_file=s.gguf_file, dtype=load_dtype,
                        trust_remote_code=recipe.trust_remote_code, what="student.model")
     check_param_limit(model, s.max_params)
     if s.gradient_checkpointing:
@@ -127,7 +159,25 @@ def build_student(recipe: Recipe, device):
             # The chunked loss multiplies by the head's weight itself, so an adapter there would be ignored.
             raise DistillError(f"student.lora.target_modules: {s.lora.target_modules} puts an adapter on the "
                                "output head; leave the head out (the chunked loss reads the head weight directly)")
+    if train_dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != train_dtype:
+                p.data = p.data.to(train_dtype)  # in place: tied weights stay one parameter
+    if recipe.train.pure_bf16:
+        warnings.warn("train.pure_bf16: the student's weights and AdamW state are bf16, with no fp32 master "
+                      "copy; an update below half a bf16 ulp (~0.2% of the weight) rounds away, so at "
+                      "fine-tuning learning rates most weights may never change. Leave it off to train fp32 "
+                      "master weights under bf16 autocast.", UserWarning, stacklevel=2)
     return model
+
+
+def save_guess_s(model, trainable) -> float:
+    """Seconds the final save may take, until a checkpoint save is measured: the last checkpoint
+    (every weight, plus AdamW's two fp32 moments per trainable weight) and the student, which for
+    LoRA is the merged full model however few weights trained, written at ~200 MB/s, plus 1 s."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = 8 * sum(p.numel() for p in trainable)
+    return 1.0 + (2 * weights + moments) / 200e6
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -157,10 +207,21 @@ class Budget:
         return now + step + self.save_s < self.deadline
 
 
-def _save_student(acc, wrapped, tok, out: Path) -> None:
-    """Gather (ZeRO-3 included) and save a `from_pretrained`-loadable student; LoRA is merged."""
-    state = acc.get_state_dict(wrapped)
+def _save_student(acc, wrapped, tok, out: Path, checkpoint_dir: Path | None = None) -> None:
+    """Gather (ZeRO-3 included) and save a `from_pretrained`-loadable student; LoRA is merged.
+
+    A full student is saved in fp32, as trained. Under DeepSpeed bf16/fp16 the module holds only a
+    16-bit copy (rounding away the last updates), so the fp32 masters are read from `checkpoint_dir`, the
+    DeepSpeed checkpoint just written."""
     model = acc.unwrap_model(wrapped).student
+    masters = checkpoint_dir is not None and deepspeed_dtype(acc) in (torch.bfloat16, torch.float16)
+    if masters and not hasattr(model, "merge_and_unload"):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        acc.wait_for_everyone()
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir)) if acc.is_main_process else {}
+    else:
+        state = acc.get_state_dict(wrapped)
     if acc.is_main_process:
         state = {k.removeprefix("student."): v for k, v in state.items()}
         if hasattr(model, "merge_and_unload"):
@@ -171,10 +232,21 @@ def _save_student(acc, wrapped, tok, out: Path) -> None:
         else:
             tmp = out.with_name(out.name + ".tmp")
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            _record_dtype(tmp / "config.json", state)
             tok.save_pretrained(tmp)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     acc.wait_for_everyone()
+
+
+def _record_dtype(config: Path, state: dict) -> None:
+    """config.json's `dtype` (what `from_pretrained` loads by default) as the saved tensors': save_pretrained
+    records the module's, which under DeepSpeed is its 16-bit copy, not the fp32 masters saved."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        cfg = json.loads(config.read_text())
+        cfg["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) -> Path:
@@ -203,7 +275,7 @@ class Setup:
     micro_per_epoch: int
     planned: int
     padding: tuple[float, float]
-    n_params: int
+    save_guess: float  # seconds the final checkpoint + student save may take (save_guess_s)
 
 
 def build_teachers(recipe: Recipe, reader: CacheReader, codec, device) -> Teachers:
@@ -228,10 +300,12 @@ def _setup(recipe: Recipe, log) -> Setup:
         raise DistillError(f"train.batch_size: {t.batch_size} x {acc.num_processes} processes is more than the "
                            f"{n} cached samples")
 
-    wrapped = StudentWithLoss(build_student(recipe, acc.device), recipe.loss)
+    student = build_student(recipe, acc.device, deepspeed_dtype(acc))
+    wrapped = StudentWithLoss(student, recipe.loss)
     if zero_stage(acc) == 3:
         wrapped.register_head_with_zero3()
     params = [p for p in wrapped.parameters() if p.requires_grad]
+    save_guess = save_guess_s(student, params)  # before prepare: ZeRO-3 then partitions the weights
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     plan_args = (n, t.batch_size, acc.num_processes, recipe.seed)
     lengths = reader.lengths()
@@ -246,8 +320,8 @@ def _setup(recipe: Recipe, log) -> Setup:
     online = [tt.name for tt in recipe.teachers if tt.online]
     log(f"train: {setup_line(acc)}" + (f"; online teachers: {', '.join(online)}" if online else ""))
     step_fn = TrainStep(acc, wrapped, opt, sched, teachers, t.max_grad_norm)
-    return Setup(acc, tok, reader, codec, reader.row_counts(), wrapped, step_fn, plans, plan_args, grouping, micro_per_epoch, planned, padding,
-                 sum(p.numel() for p in params))
+    return Setup(acc, tok, reader, codec, reader.row_counts(), wrapped, step_fn, plans, plan_args, grouping,
+                 micro_per_epoch, planned, padding, save_guess)
 
 
 def _resume(acc, ckpt_root: Path, log) -> tuple[int, int, int]:
@@ -303,13 +377,13 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     if resume and acc.is_main_process:
         _truncate_history(history, pos[0])
     budget = Budget(start, recipe.train.budget_minutes, recipe.train.eval_reserve_minutes,
-                    save_guess_s=1.0 + s.n_params * 16 / 200e6)
+                    save_guess_s=s.save_guess)
     step, micro, tokens_seen, stopped_by, last_loss = _loop(recipe, s, micro_batches, pos, budget, ckpt_root,
                                                             history)
     del micro_batches  # stops the loader workers before the saves
     final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
                                   recipe.train.keep_last)
-    _save_student(acc, s.wrapped, s.tok, run_dir / "student")
+    _save_student(acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
     wall = time.time() - start
     result = TrainResult(step, s.planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
                          str(final_ckpt), *s.padding)

@@ -271,3 +271,37 @@ def test_low_precision_head_applies_the_transform_in_fp32():
     torch.testing.assert_close(out.loss_sum, dense.detach(), rtol=4e-3, atol=0)
     for got, ref in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad.float(), ref.grad, rtol=0.05, atol=0.02 * ref.grad.abs().max().item())
+
+
+def test_fp32_head_under_bf16_autocast_multiplies_in_bf16_and_returns_fp32_gradients():
+    """fp32 master weights under bf16 autocast (the trainer on a GPU): the head matmuls take bf16
+    operands, as a dense head under autocast would (fp32 ones would be the step's slowest matmul),
+    so the loss equals that of bf16-rounded leaves without autocast; the gradients are fp32 (the
+    head's accumulated in fp32 across chunks) and match the dense fp32 reference within bf16's
+    tolerance (as in the bf16-head test above)."""
+    case = random_case(seed=23, dtype=torch.float32, vocab=211, m=40)
+    tw = _token_weights(case, "fixed")
+    cfg = LossConfig(divergence="forward_kl", ce_weight=0.2, chunk_size=16)  # 3 chunks
+    sig = TeacherSignal(case["ids"], case["logprobs"], case["log_residual"])
+    names = ("hidden", "weight", "bias")
+
+    def run(dtype, autocast):
+        leaves = [case[k].to(dtype).requires_grad_(True) for k in names]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = distill_loss(*leaves, sig, case["targets"], tw, cfg)
+        out.loss_sum.backward()
+        return out.loss_sum.detach(), [leaf.grad for leaf in leaves]
+
+    loss, grads = run(torch.float32, autocast=True)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    loss_bf16_leaves, _ = run(torch.bfloat16, autocast=False)
+    torch.testing.assert_close(loss, loss_bf16_leaves, rtol=1e-6, atol=0)  # same bf16 logits
+    loss_fp32, _ = run(torch.float32, autocast=False)
+    assert not torch.allclose(loss, loss_fp32, rtol=1e-5, atol=0)  # fp32 logits differ: autocast was applied
+    ref_leaves = [case[k].requires_grad_(True) for k in names]
+    dense = dense_loss(*ref_leaves, case["ids"], case["logprobs"], case["log_residual"], case["targets"], tw, cfg)[0]
+    dense.backward()
+    torch.testing.assert_close(loss, dense.detach(), rtol=4e-3, atol=0)
+    for got, leaf in zip(grads, ref_leaves):
+        scale = leaf.grad.abs().max().item()
+        torch.testing.assert_close(got, leaf.grad, rtol=0.05, atol=0.02 * scale)

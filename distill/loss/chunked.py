@@ -53,6 +53,7 @@ class ChunkSpec:
     ce_weight: float
     chunk_size: int
     transform: LogitTransform = IDENTITY  # head output -> the model's logits, before the temperature
+    matmul_dtype: Optional[torch.dtype] = None  # the head matmuls' operand dtype; None: the weight's own
 
 
 def _logsumexp(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +183,14 @@ class ChunkedDistill(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=compute)
         div = hidden.new_zeros(ids.shape[0], dtype=compute)
         ce = hidden.new_zeros((), dtype=compute)
+        # Under autocast the matmuls take its dtype, like a dense head (one [V, H] copy per call);
+        # the gradients above still accumulate in the weight's own precision.
+        mm = spec.matmul_dtype or weight.dtype
+        w, b = weight.to(mm), None if bias is None else bias.to(mm)
         for start in range(0, hidden.shape[0], spec.chunk_size):
             rows = slice(start, start + spec.chunk_size)
-            h = hidden[rows].to(weight.dtype)
-            l_c, d_c, ce_c, g = chunk_loss(h, weight, bias, ids[:, rows], logp_bins[:, rows], targets[rows],
+            h = hidden[rows].to(mm)
+            l_c, d_c, ce_c, g = chunk_loss(h, w, b, ids[:, rows], logp_bins[:, rows], targets[rows],
                                            coef[:, rows], valid[rows], spec, want_grad)
             loss += l_c
             div += d_c
@@ -193,9 +198,9 @@ class ChunkedDistill(torch.autograd.Function):
             if g is None:
                 continue
             if need_h:
-                grad_h[rows] = g @ weight
+                grad_h[rows] = g @ w
             if need_w:
-                if grad_w.dtype == weight.dtype:
+                if grad_w.dtype == w.dtype:
                     grad_w.addmm_(g.t(), h)
                 else:
                     grad_w += (g.t() @ h).to(compute)

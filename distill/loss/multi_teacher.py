@@ -121,8 +121,9 @@ def distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Opt
     Student logits are computed cfg.chunk_size tokens at a time, so peak memory is
     O(chunk_size x V), never O(M x V); gradients flow to hidden, head_weight and head_bias
     and equal those of the dense computation. The head matmuls run in head_weight's
-    dtype (autocast is off inside; hidden is cast to it); softmax maths in fp32 (fp64
-    for an fp64 head).
+    dtype (hidden is cast to it) or, for an fp32 head under autocast (bf16 compute over fp32
+    master weights), in the autocast dtype, as a dense head would, with the head's gradient
+    accumulated in fp32 across chunks; softmax maths in fp32 (fp64 for an fp64 head).
     """
     if cfg.divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {cfg.divergence!r} (known: {', '.join(DIVERGENCES)})")
@@ -146,10 +147,14 @@ def distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Opt
                 ce = sequence_cross_entropy(ce, sequence_index, valid)
         shares = token_shares(token_weights.to(compute), ce, cfg.weighting, cfg.weighting_temperature) * valid
         coef = shares * ((1.0 - cfg.ce_weight) * cfg.temperature ** 2)
+    device_type = hidden.device.type
+    # Autocast is turned off around the loss (its maths is fp32 by design), but its dtype is kept
+    # for the head matmuls: an fp32 matmul over [chunk, V] would be the step's slowest on a GPU.
+    autocast = head_weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type)
     spec = ChunkSpec(divergence=cfg.divergence, temperature=float(cfg.temperature), beta=float(cfg.beta),
                      skew_alpha=float(cfg.skew_alpha), ce_weight=float(cfg.ce_weight),
-                     chunk_size=int(cfg.chunk_size), transform=logit_transform or IDENTITY)
-    device_type = hidden.device.type
+                     chunk_size=int(cfg.chunk_size), transform=logit_transform or IDENTITY,
+                     matmul_dtype=torch.get_autocast_dtype(device_type) if autocast else None)
     with torch.autocast(device_type=device_type, enabled=False):
         loss_sum, div_sums, ce_sum = ChunkedDistill.apply(hidden, head_weight, head_bias, ids, logp_bins,
                                                           safe_targets, coef, valid.to(compute), spec)
