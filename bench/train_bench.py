@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from distill import batches as B  # noqa: E402
 from distill import train as T  # noqa: E402
 from distill.cache.capture import run_capture, teacher_topk  # noqa: E402
-from distill.cache.codec import codec_from_manifest  # noqa: E402
+from distill.cache.manifest import codec_from_manifest  # noqa: E402
 from distill.cache.store import CacheReader  # noqa: E402
 from distill.config import load_recipe  # noqa: E402
 from distill.loss import TeacherSignal, example_weights  # noqa: E402

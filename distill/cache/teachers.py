@@ -15,12 +15,6 @@ from distill.config import Recipe, TeacherConfig
 from distill.models import attach_adapter, load_model
 
 
-def teacher_record(t: TeacherConfig) -> dict:
-    """What identifies a teacher's outputs (recorded in the cache manifest)."""
-    return {"name": t.name, "model": t.model, "revision": t.revision, "adapter": t.adapter,
-            "gguf_file": t.gguf_file, "dtype": t.dtype, "quantization": t.quantization}
-
-
 def group_key(t: TeacherConfig) -> tuple:
     return (t.model, t.revision, t.gguf_file, t.dtype, t.quantization)
 
