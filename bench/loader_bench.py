@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill import batches as B  # noqa: E402
+from distill.files import write_json_atomic, write_npy_atomic  # noqa: E402
 from distill.cache import store  # noqa: E402
+from distill.cache import manifest as mf  # noqa: E402
 from distill.cache.codec import make_codec, sparse_from_logits  # noqa: E402
 from distill.config import LossConfig  # noqa: E402
 from torch.utils.data._utils.pin_memory import pin_memory  # noqa: E402
@@ -63,7 +65,7 @@ def build_cache(folder: Path, n_samples: int, min_len: int, max_len: int, codec,
     shards, per_shard = {}, 256
     for s, a in enumerate(range(0, n_samples, per_shard)):
         lens = lengths[a:a + per_shard]
-        name = store.shard_name(s)
+        name = mf.shard_name(s)
         d = folder / name
         d.mkdir(parents=True)
         tok = np.concatenate([rng.integers(3, VOCAB, size=n) for n in lens]).astype(np.int32)
@@ -74,14 +76,14 @@ def build_cache(folder: Path, n_samples: int, min_len: int, max_len: int, codec,
                  "sample_offsets.npy": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                  "row_offsets.npy": row_off, "domains.npy": np.arange(len(lens), dtype=np.int16) % 2}
         for t in TEACHERS:
-            files[store.teacher_file(t)] = rows[rng.integers(0, pool, size=n_rows)]
+            files[mf.teacher_file(t)] = rows[rng.integers(0, pool, size=n_rows)]
         shards[name] = {"samples": [a, a + len(lens)], "files": {}}
         for fname, arr in files.items():
-            shards[name]["files"][fname] = store.write_npy_atomic(d / fname, arr)
-    manifest = {"format": store.FORMAT, "version": store.VERSION, "codec": codec.describe(),
+            shards[name]["files"][fname] = write_npy_atomic(d / fname, arr)
+    manifest = {"format": mf.FORMAT, "version": mf.VERSION, "codec": codec.describe(),
                 "teachers": [{"name": t} for t in TEACHERS], "domains": ["d0", "d1"], "shards": shards,
                 "complete": True}
-    store.write_json_atomic(folder / "manifest.json", manifest)
+    write_json_atomic(folder / "manifest.json", manifest)
     return folder
 
 

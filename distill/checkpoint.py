@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from distill.cache.store import sha256_file, write_json_atomic
+from distill.files import sha256_file, write_json_atomic
 from distill.errors import DistillError
 
 PREFIX = "step-"

@@ -140,6 +140,20 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()
 
 
+def config_vocab_size(ref: str, *, revision: str | None = None, gguf_file: str | None = None,
+                      trust_remote_code: bool = False, what: str = "model") -> int:
+    """A model's vocabulary size (rows of its output embedding) from its config alone, before any weights load."""
+    from transformers import AutoConfig
+
+    src = _check_ref(ref, what)
+    try:
+        cfg = AutoConfig.from_pretrained(src, revision=revision, gguf_file=gguf_file,
+                                         trust_remote_code=trust_remote_code)
+    except _load_errors() as exc:
+        raise DistillError(f"{what}: cannot read config of {ref!r} ({str(exc)[:150]})") from None
+    return int(cfg.get_text_config().vocab_size)
+
+
 def model_vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 

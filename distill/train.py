@@ -33,13 +33,14 @@ from tqdm import tqdm
 
 from distill import batches as B
 from distill import checkpoint as ckpt
-from distill.cache.codec import codec_from_manifest
+from distill.cache.manifest import check_recipe
 from distill.cache.store import CacheReader
+from distill.cache.tail import student_codec
 from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
 from distill.errors import DistillError
-from distill.models import (check_param_limit, load_model, load_tokenizer, resolve_dtype, save_pretrained,
-                            tokenizer_fingerprint)
+from distill.models import (check_param_limit, config_vocab_size, load_model, load_tokenizer, resolve_dtype,
+                            save_pretrained, tokenizer_fingerprint)
 from distill.signals import CachedTeachers, Teachers, load_live_teachers
 from distill.step import NonFiniteStep, StudentWithLoss, TrainStep
 
@@ -98,19 +99,16 @@ def setup_line(acc) -> str:
            f"mixed precision {acc.mixed_precision}"
 
 
-def check_cache(reader: CacheReader, recipe: Recipe, tok) -> None:
-    names = [t.name for t in recipe.teachers]
-    if reader.teacher_names != names:
-        raise DistillError(f"{reader.dir}: cache holds teachers {reader.teacher_names}, recipe lists {names}; "
-                           "rerun `distill cache`")
-    online = sorted(set(names) - set(reader.cached_names))
-    wanted = [t.name for t in recipe.teachers if t.online]
-    if online != sorted(wanted):
-        raise DistillError(f"{reader.dir}: cache was made with online teachers {online or 'none'}, recipe has "
-                           f"{wanted or 'none'} (teachers.N.online / train.online_teachers); rerun `distill cache` "
-                           "with cache.rebuild=true")
-    if reader.manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tok):
-        raise DistillError(f"{reader.dir}: the student's tokenizer differs from the one the cache was made with")
+def check_cache(reader: CacheReader, recipe: Recipe, tok):
+    """Refuse a cache this recipe would not make, or a student that cannot read it, before any weights load.
+
+    Returns the codec the student decodes the cache with: the cache's own, fitted to the
+    student's vocabulary when that has more or fewer (padding) rows than the teachers'."""
+    check_recipe(reader.manifest, recipe, tokenizer_fingerprint(tok), reader.dir)
+    s = recipe.student
+    vocab = config_vocab_size(s.model, revision=s.revision, gguf_file=s.gguf_file,
+                              trust_remote_code=recipe.trust_remote_code, what="student.model")
+    return student_codec(reader.codec(), vocab, len(tok))
 
 
 def deepspeed_dtype(acc) -> torch.dtype | None:
@@ -292,8 +290,7 @@ def _setup(recipe: Recipe, log) -> Setup:
     tok = load_tokenizer(recipe.tokenizer or recipe.student.model,
                          gguf_file=None if recipe.tokenizer else recipe.student.gguf_file,
                          trust_remote_code=recipe.trust_remote_code, what="student tokenizer")
-    check_cache(reader, recipe, tok)
-    codec = codec_from_manifest(reader.manifest, reader.dir)  # the cache's codec (and id order), not the recipe's
+    codec = check_cache(reader, recipe, tok)  # the cache's codec (and id order), fitted to the student's vocabulary
     n = len(reader)
     micro_per_epoch = n // (t.batch_size * acc.num_processes)  # full global batches per epoch
     if micro_per_epoch == 0:

@@ -16,11 +16,12 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def _tiny(path: Path, seed: int, tok, hidden: int = 32) -> Path:
+def _tiny(path: Path, seed: int, tok, hidden: int = 32, vocab_size: int | None = None) -> Path:
+    """vocab_size: embedding rows (default len(tok)); more than len(tok) = padded rows, as 7B Qwen2.5 has."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg)

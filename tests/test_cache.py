@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import tiny_recipe, top_counts, write_recipe
+from distill.files import sha256_file, write_json_atomic
 from distill.cache import store
+from distill.cache import manifest as mf
 from distill.cache.capture import run_capture
 from distill.cli import main
 from distill.config import load_recipe
@@ -25,7 +27,7 @@ def _capture(world, tmp_path, **sections):
 
 
 def _digest(cache_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(cache_dir)): store.sha256_file(p) for p in sorted(cache_dir.rglob("*"))
+    return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
             if p.is_file() and p.name != ".lock"}
 
 
@@ -66,12 +68,12 @@ def test_rerun_is_a_no_op_and_partial_capture_resumes_identically(tiny_world, tm
     again = run_capture(recipe)
     assert again.model_loads == 0 and _digest(cache_dir) == before and "id_order_s" not in again.extra
     # Simulate a capture killed after some files: drop a teacher file and its manifest entry.
-    manifest = store.read_manifest(cache_dir)
+    manifest = mf.read_manifest(cache_dir)
     shard = sorted(manifest["shards"])[1]
-    del manifest["shards"][shard]["files"][store.teacher_file("tb")]
+    del manifest["shards"][shard]["files"][mf.teacher_file("tb")]
     manifest["complete"] = False
-    store.write_json_atomic(cache_dir / "manifest.json", manifest)
-    (cache_dir / shard / store.teacher_file("tb")).unlink()
+    write_json_atomic(cache_dir / "manifest.json", manifest)
+    (cache_dir / shard / mf.teacher_file("tb")).unlink()
     (cache_dir / shard / "junk.npy.tmp123").write_bytes(b"half-written")
     with pytest.raises(CacheError, match="incomplete"):
         store.CacheReader(cache_dir)
@@ -127,7 +129,7 @@ def test_changed_recipe_is_refused_unless_rebuild(tiny_world, tmp_path):
             tiny_world, tmp_path / "run", cache={"top_k": 4, "shard_tokens": 200, "id_order": "none"}))))
     rebuilt = run_capture(load_recipe(changed, ["cache.rebuild=true"]))
     assert rebuilt.model_loads == 2
-    assert store.read_manifest(Path(recipe.cache.dir))["codec"]["k"] == 3
+    assert mf.read_manifest(Path(recipe.cache.dir))["codec"]["k"] == 3
 
 
 def test_teacher_with_other_tokenizer_is_refused_before_loading(tiny_world, tmp_path):
@@ -155,11 +157,11 @@ def test_manifest_documents_itself(tiny_world, tmp_path):
     assert order["teacher"] == "ta" and order["samples"] == 40 and order["top"] == 128
     ids = np.load(Path(recipe.cache.dir) / "id_order.npy")
     assert ids.dtype == np.int32 and sorted(ids.tolist()) == list(range(m["codec"]["vocab_size"]))
-    assert order["sha256"] == store.sha256_file(Path(recipe.cache.dir) / "id_order.npy")
+    assert order["sha256"] == sha256_file(Path(recipe.cache.dir) / "id_order.npy")
     assert [t["name"] for t in m["teachers"]] == ["ta", "tb"] and m["domains"] == ["add", "rev"]
     assert m["tokenizer"]["fingerprint"] and m["data"]["fingerprint"]
     for entry in m["shards"].values():
-        assert set(entry["files"]) == set(store.expected_files(m))
+        assert set(entry["files"]) == set(mf.expected_files(m))
         assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in entry["files"].values())
 
 
@@ -191,10 +193,10 @@ def test_ordered_cache_decodes_the_teachers_ids(tiny_world, tmp_path):
 def test_id_order_follows_the_first_teachers_top_ids(tiny_world, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from distill.cache import capture
+    from distill.cache import codec_vk
 
     # The tiny vocabulary (42) is inside any top-128, which would make every order the identity.
-    monkeypatch.setattr(capture, "ID_ORDER_TOP", 3)
+    monkeypatch.setattr(codec_vk, "ID_ORDER_TOP", 3)
     recipe, _ = _capture(tiny_world, tmp_path)
     reader = store.CacheReader(recipe.cache.dir)
     assert reader.manifest["codec"]["id_order"]["top"] == 3

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import _tiny, tiny_recipe, write_recipe
+from distill.files import sha256_file
 from distill.cache import store
+from distill.cache import manifest as mf
 from distill.cli import main
 from distill.errors import CacheError
 
@@ -65,7 +67,7 @@ def _teacher_files_recorded(manifest: dict) -> int:
 
 
 def _digest(cache_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(cache_dir)): store.sha256_file(p) for p in sorted(cache_dir.rglob("*"))
+    return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
             if p.is_file() and p.name != ".lock"}
 
 
@@ -79,17 +81,17 @@ def test_sigkill_mid_capture_resumes_byte_identical(kill_world, tmp_path, capsys
     # Kill as soon as the manifest records a first teacher file, i.e. mid-way through the teachers.
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
-        if (cache_dir / "manifest.json").exists() and _teacher_files_recorded(store.read_manifest(cache_dir)):
+        if (cache_dir / "manifest.json").exists() and _teacher_files_recorded(mf.read_manifest(cache_dir)):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "capture finished before the kill: make the data bigger"
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     expected = _digest(tmp_path / "reference" / "cache")
-    n_shards = len(store.read_manifest(tmp_path / "reference" / "cache")["shards"])
+    n_shards = len(mf.read_manifest(tmp_path / "reference" / "cache")["shards"])
     assert n_shards >= 6, n_shards
 
-    killed = store.read_manifest(cache_dir)
+    killed = mf.read_manifest(cache_dir)
     recorded = _teacher_files_recorded(killed)
     assert not killed["complete"] and 1 <= recorded < 2 * n_shards, recorded
     with pytest.raises(CacheError, match="incomplete"):
@@ -98,7 +100,7 @@ def test_sigkill_mid_capture_resumes_byte_identical(kill_world, tmp_path, capsys
     for shard, entry in killed["shards"].items():
         for fname, rec in entry["files"].items():
             path = cache_dir / shard / fname
-            assert store.sha256_file(path) == rec["sha256"] == expected[f"{shard}/{fname}"], path
+            assert sha256_file(path) == rec["sha256"] == expected[f"{shard}/{fname}"], path
 
     # A kill can also land inside a manifest write (a small window): leave what that one leaves too.
     (cache_dir / "manifest.json.tmp99999").write_text('{"format": "distill-cache", "shar')

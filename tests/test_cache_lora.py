@@ -91,9 +91,9 @@ def test_three_lora_experts_share_one_base_load(tiny_world, tmp_path):
 def test_id_order_comes_from_the_first_teacher_with_its_adapter_active(tiny_world, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from distill.cache import capture
+    from distill.cache import codec_vk
 
-    monkeypatch.setattr(capture, "ID_ORDER_TOP", 3)  # the tiny vocabulary (42) is inside any top-128
+    monkeypatch.setattr(codec_vk, "ID_ORDER_TOP", 3)  # the tiny vocabulary (42) is inside any top-128
     base = tiny_world["base"]
     adapter = _make_adapter(base, tmp_path / "e2", 2, TARGETS["e2"])
     teachers = [{"name": "e2", "model": str(base), "adapter": str(adapter)}, {"name": "plain", "model": str(base)}]

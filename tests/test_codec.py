@@ -467,8 +467,8 @@ def test_id_order_refused_where_it_does_not_apply():
 
 
 def test_codec_from_manifest_checks_the_id_order_file(tmp_path):
-    from distill.cache import store
-    from distill.cache.codec import codec_from_manifest
+    from distill.files import write_npy_atomic
+    from distill.cache.manifest import codec_from_manifest
     from distill.cache.codec_vk import order_from_counts
     from distill.errors import CacheError
 
@@ -476,7 +476,7 @@ def test_codec_from_manifest_checks_the_id_order_file(tmp_path):
     order = order_from_counts(torch.randint(0, 5, (V,), generator=torch.Generator().manual_seed(0)))
     assert sorted(order.tolist()) == list(range(V))
     codec = make_codec("vk64", 7, V, id_order=order)
-    rec = store.write_npy_atomic(tmp_path / "id_order.npy", order)
+    rec = write_npy_atomic(tmp_path / "id_order.npy", order)
     desc = codec.describe()
     assert desc["id_order"] == {"file": "id_order.npy", "sha256": rec["sha256"]}  # describe() hashes the file bytes
     manifest = {"codec": desc}

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from conftest import tiny_recipe, write_recipe
+from distill.files import sha256_file, write_json_atomic
 from distill.cache import store
+from distill.cache import manifest as mf
 from distill.cache.capture import run_capture
 from distill.cache.codec import make_codec
 from distill.cache.generate import generate_prompts, nucleus
@@ -64,7 +66,7 @@ def _samples(recipe) -> list[dict]:
 
 
 def _digest(cache_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(cache_dir)): store.sha256_file(p) for p in sorted(cache_dir.rglob("*"))
+    return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
             if p.is_file() and p.name != ".lock"}
 
 
@@ -102,7 +104,7 @@ def test_greedy_responses_are_the_routed_teachers_and_every_teacher_scores_them(
             assert torch.equal(ids, lp.topk(4, dim=-1).indices)
             assert torch.allclose(logprobs, lp.topk(4, dim=-1).values, atol=2e-3)
     assert 0 < stopped < 16  # both kinds of ending happen
-    m = store.read_manifest(Path(recipe.cache.dir))
+    m = mf.read_manifest(Path(recipe.cache.dir))
     assert f"16 responses generated, {16 - stopped} hit max_new_tokens" in m["data"]["summary"]
     assert m["data"]["generation"]["hit_eos"] == stopped
     assert report.model_loads == 3  # ta and tb to generate; tb stays loaded and is captured first, then ta
@@ -154,11 +156,11 @@ def test_rerun_and_resume_do_not_regenerate(world, tmp_path):
     resumed = run_capture(recipe)
     assert resumed.generated == 8 and _digest(cache_dir) == before
     # Killed during capture: nothing to generate, only the missing teacher file to write.
-    manifest = store.read_manifest(cache_dir)
+    manifest = mf.read_manifest(cache_dir)
     shard = sorted(manifest["shards"])[0]
-    del manifest["shards"][shard]["files"][store.teacher_file("ta")]
+    del manifest["shards"][shard]["files"][mf.teacher_file("ta")]
     manifest["complete"] = False
-    store.write_json_atomic(cache_dir / "manifest.json", manifest)
+    write_json_atomic(cache_dir / "manifest.json", manifest)
     resumed = run_capture(recipe)
     assert resumed.generated == 0 and resumed.model_loads == 1 and _digest(cache_dir) == before
 
@@ -170,14 +172,14 @@ def test_changed_generation_is_refused_unless_rebuild_and_kept_across_other_rebu
         _capture(world, tmp_path, generate={"max_new_tokens": 4})
     with pytest.raises(CacheError, match="different generated responses"):
         _capture(world, tmp_path, generate={"max_new_tokens": 6, "teacher": "ta"})
-    assert store.read_manifest(cache_dir)["complete"]  # refused before touching anything
+    assert mf.read_manifest(cache_dir)["complete"]  # refused before touching anything
     _, rebuilt = _capture(world, tmp_path, generate={"max_new_tokens": 4}, overrides=["cache.rebuild=true"])
     assert rebuilt.generated == 16
     assert all(len(s["input_ids"]) - int(np.argmax(s["target_mask"])) <= 4 for s in _samples(recipe))
     # A rebuild for another reason (the codec) keeps the responses: they still match the recipe.
     _, other = _capture(world, tmp_path, generate={"max_new_tokens": 4},
                         overrides=["cache.rebuild=true", "cache.top_k=3"])
-    assert other.generated == 0 and store.read_manifest(cache_dir)["codec"]["k"] == 3
+    assert other.generated == 0 and mf.read_manifest(cache_dir)["codec"]["k"] == 3
 
 
 def test_lora_teachers_generate_with_their_adapter_on_one_base(world, tmp_path):

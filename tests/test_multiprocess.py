@@ -60,10 +60,10 @@ def test_ddp_two_processes_trains_and_saves(tiny_world, tmp_path):
 @pytest.mark.slow
 def test_two_process_capture_equals_one_process(tiny_world, tmp_path):
     """Ranks split the shards; the cache is byte-identical to a single-process capture."""
-    from distill.cache import store
+    from distill.files import sha256_file
 
     def digest(cache_dir: Path) -> dict:
-        return {str(p.relative_to(cache_dir)): store.sha256_file(p) for p in sorted(cache_dir.rglob("*"))
+        return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
                 if p.is_file() and p.name != ".lock"}
 
     single = write_recipe(tmp_path / "one.yaml", tiny_recipe(tiny_world, tmp_path / "one"))
@@ -143,7 +143,7 @@ def test_divergence_under_ddp_and_zero2_keeps_the_last_finite_weights(tiny_world
     from safetensors.torch import load_file
 
     from distill import batches as B
-    from distill.cache import store
+    from distill.cache import manifest as store
     from distill.checkpoint import latest, verify
 
     root = Path(__file__).resolve().parent.parent

@@ -76,5 +76,5 @@ def test_online_flag_must_match_the_cache(tiny_world, tmp_path):
     run_capture(recipe)
     online = _recipe(tiny_world, tmp_path, "run", ["train.online_teachers=true"])
     assert all(t.online for t in online.teachers)
-    with pytest.raises(DistillError, match=r"cache was made with online teachers none, recipe has \['ta', 'tb'\]"):
+    with pytest.raises(DistillError, match=r"teachers\[0\]\.online: cache has None, recipe has True"):
         run_train(online)

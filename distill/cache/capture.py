@@ -24,8 +24,6 @@ captured first, so a recipe whose experts share one base loads it once in all.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +32,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill.cache import store
-from distill.cache.codec import codec_from_manifest, make_codec, sparse_from_logits
-from distill.cache.codec_vk import ID_ORDER_FILE, ID_ORDER_TOP, ORDERED_LAYOUT, id_order_from_topk, order_from_counts
+from distill.cache import manifest as mf
+from distill.cache.codec import sparse_from_logits
+from distill.cache.codec_vk import ID_ORDER_FILE, id_order_from_topk, order_from_counts
 from distill.cache.generate import run_generation
-from distill.cache.teachers import Active, GroupLoader, groups, teacher_record
+from distill.cache.teachers import Active, GroupLoader, groups
 from distill.config import Recipe
 from distill.data import Sample, load_samples
 from distill.errors import CacheError, DistillError
+from distill.files import write_npy_atomic
 from distill.logits import logit_transform, model_logits
-from distill.models import load_tokenizer, tokenizer_fingerprint
+from distill.models import config_vocab_size, load_tokenizer, tokenizer_fingerprint
 
 
 @dataclass
@@ -63,15 +62,6 @@ class CaptureReport:
 
 
 # ---------------------------------------------------------------- planning
-
-
-def data_fingerprint(samples: list[Sample], domains: list[str]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(np.asarray(s.input_ids, dtype=np.int32).tobytes())
-        h.update(np.asarray(s.target_mask, dtype=np.uint8).tobytes())
-        h.update((s.domain or "").encode() + b"\0")
-    return h.hexdigest()
 
 
 def plan_shards(samples: list[Sample], shard_tokens: int) -> list[tuple[int, int]]:
@@ -104,88 +94,13 @@ def check_tokenizers(recipe: Recipe):
 
 
 def vocab_size_of(recipe: Recipe) -> int:
-    from transformers import AutoConfig
-
-    sizes = set()
-    for i, t in enumerate(recipe.teachers):
-        try:
-            cfg = AutoConfig.from_pretrained(t.model, revision=t.revision, gguf_file=t.gguf_file,
-                                             trust_remote_code=recipe.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise DistillError(f"teachers[{i}].model: cannot read config of {t.model!r} ({str(exc)[:150]})") from None
-        sizes.add(int(cfg.get_text_config().vocab_size))
+    """The teachers' shared vocabulary size (their configs, read before any weights load)."""
+    sizes = {config_vocab_size(t.model, revision=t.revision, gguf_file=t.gguf_file,
+                               trust_remote_code=recipe.trust_remote_code, what=f"teachers[{i}].model")
+             for i, t in enumerate(recipe.teachers)}
     if len(sizes) != 1:
         raise DistillError(f"teachers: vocabulary sizes differ ({sorted(sizes)}); teachers must share one vocabulary")
     return sizes.pop()
-
-
-def new_manifest(recipe: Recipe, tok_fp: str, samples: list[Sample], domains: list[str],
-                 plan: list[tuple[int, int]], vocab_size: int, summary: str,
-                 generation: dict | None = None) -> dict:
-    # A top_k above the vocabulary (a toy vocabulary) keeps every token.
-    codec = make_codec(recipe.cache.codec, min(recipe.cache.top_k, vocab_size), vocab_size).describe()
-    ordered = recipe.cache.id_order == "teacher"
-    if ordered:  # the order itself (file hash) is added once computed (ensure_id_order)
-        codec |= {"layout": ORDERED_LAYOUT, "padding": "largest-free-ranks",
-                  "id_order": {"file": ID_ORDER_FILE, "source": "teacher", "teacher": recipe.teachers[0].name,
-                               "samples": len(id_order_samples(samples, recipe.cache.id_order_rows)),
-                               "top": ID_ORDER_TOP}}
-    shards = {}
-    for i, (a, b) in enumerate(plan):
-        shards[store.shard_name(i)] = {
-            "samples": [a, b],
-            "tokens": sum(len(s.input_ids) for s in samples[a:b]),
-            "rows": sum(sum(s.target_mask) for s in samples[a:b]),
-            "files": {},
-        }
-    return {
-        "format": store.FORMAT, "version": store.ORDERED_VERSION if ordered else store.VERSION,
-        "tokenizer": {"fingerprint": tok_fp, "source": recipe.tokenizer or recipe.student.model},
-        "data": {"fingerprint": data_fingerprint(samples, domains), "samples": len(samples),
-                 "tokens": sum(len(s.input_ids) for s in samples),
-                 "targets": sum(sum(s.target_mask) for s in samples), "summary": summary,
-                 "max_length": recipe.data.max_length, "mask": recipe.data.mask}
-        | ({"generation": generation} if generation else {}),
-        "codec": codec,
-        "teachers": [teacher_record(t) for t in recipe.teachers],
-        "domains": domains,
-        "shards": shards,
-        "complete": False,
-    }
-
-
-_IDENTITY_KEYS = ("tokenizer", "data", "codec", "teachers", "domains")
-
-
-def _identity(m: dict) -> dict:
-    ident = {k: m[k] for k in _IDENTITY_KEYS} | {"plan": {s: e["samples"] for s, e in m["shards"].items()}}
-    if "id_order" in m["codec"]:  # the order's settings are identity; its file record comes later
-        order = {k: v for k, v in m["codec"]["id_order"].items() if k not in ("bytes", "sha256")}
-        ident["codec"] = m["codec"] | {"id_order": order}
-    return ident | {"version": m["version"]}
-
-
-def open_or_create(cache_dir: Path, fresh: dict, rebuild: bool) -> dict:
-    """Reuse a matching cache, refuse (or with rebuild, discard) one made from another recipe.
-
-    Generated responses checked against this recipe by generate.prepare_dir survive a rebuild."""
-    for tmp in cache_dir.glob("manifest.json.tmp*"):
-        tmp.unlink()  # a run killed inside a manifest write leaves its half-written copy behind
-    if (cache_dir / "manifest.json").exists():
-        old = store.read_manifest(cache_dir)
-        if _identity(old) == _identity(fresh):
-            return old
-        diff = [k for k in _IDENTITY_KEYS if old.get(k) != fresh[k]] or ["shard plan"]
-        if not rebuild:
-            raise CacheError(f"{cache_dir}: existing cache was made with different {', '.join(diff)}; "
-                             "set cache.rebuild=true to discard it, or use another cache.dir")
-        keep = "generated" if "generation" in fresh["data"] else None
-        for p in cache_dir.iterdir():
-            if p.name != keep:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    store.write_json_atomic(cache_dir / "manifest.json", fresh)
-    return fresh
 
 
 # ---------------------------------------------------------------- teacher forward
@@ -277,7 +192,8 @@ def ensure_id_order(recipe: Recipe, cache_dir: Path, samples: list[Sample], load
     The first group's first teacher (its adapter active) over the calibration samples' target
     rows: each id's count is the rows whose top-128 hold it; ids by (-count, id). A resumed
     capture keeps the recorded file (codec_from_manifest checks its hash), never recomputes it."""
-    if "sha256" in store.read_manifest(cache_dir)["codec"]["id_order"]:
+    order = mf.read_manifest(cache_dir)["codec"]["id_order"]  # the settings the order is made with
+    if "sha256" in order:
         return
     t0 = time.perf_counter()
     group = groups(recipe.teachers)[0]
@@ -287,13 +203,9 @@ def ensure_id_order(recipe: Recipe, cache_dir: Path, samples: list[Sample], load
     with Active(model, group[0]) as m:
         for idx in _batches(cal, recipe.cache.batch_size):
             ids, attn, select = _pad(cal, idx, pad_id, device)
-            top_ids, _, _ = teacher_topk(m, ids, attn, select, min(ID_ORDER_TOP, vocab_size))
+            top_ids, _, _ = teacher_topk(m, ids, attn, select, min(order["top"], vocab_size))
             counts = id_order_from_topk(top_ids, vocab_size, counts)
-    rec = store.write_npy_atomic(cache_dir / ID_ORDER_FILE, order_from_counts(counts))
-    with store.locked(cache_dir):
-        manifest = store.read_manifest(cache_dir)
-        manifest["codec"]["id_order"] |= rec
-        store.write_json_atomic(cache_dir / "manifest.json", manifest)
+    mf.record_id_order(cache_dir, write_npy_atomic(cache_dir / ID_ORDER_FILE, order_from_counts(counts)))
     report.extra["id_order_s"] = time.perf_counter() - t0
 
 
@@ -307,7 +219,7 @@ def write_tokens(shard_dir: Path, samples: list[Sample], domains: list[str]) -> 
         "row_offsets.npy": np.concatenate([[0], np.cumsum(rows)]).astype(np.int64),
         "domains.npy": np.asarray([domains.index(s.domain) if s.domain else -1 for s in samples], np.int16),
     }
-    return {name: store.write_npy_atomic(shard_dir / name, arr) for name, arr in arrays.items()}
+    return {name: write_npy_atomic(shard_dir / name, arr) for name, arr in arrays.items()}
 
 
 # ---------------------------------------------------------------- the stage
@@ -336,17 +248,17 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
     samples, stats = load_samples(tok, recipe.data, recipe.teachers, answer)
     domains = sorted({s.domain for s in samples if s.domain})
     plan = plan_shards(samples, recipe.cache.shard_tokens)
-    fresh = new_manifest(recipe, tok_fp, samples, domains, plan, vocab_size, stats.summary(),
+    fresh = mf.new_manifest(recipe, tok_fp, samples, domains, plan, vocab_size, stats.summary(),
                          generation.get("record"))
     report.data_summary = stats.summary()
     if main:
-        open_or_create(cache_dir, fresh, recipe.cache.rebuild)
+        mf.open_or_create(cache_dir, fresh, recipe.cache.rebuild)
     barrier()
     if main and recipe.cache.id_order == "teacher":
         ensure_id_order(recipe, cache_dir, samples, loader, tok.pad_token_id, vocab_size, device, report)
     barrier()  # the other ranks read the order the main process wrote
-    manifest = store.read_manifest(cache_dir)
-    codec = codec_from_manifest(manifest, cache_dir)
+    manifest = mf.read_manifest(cache_dir)
+    codec = mf.codec_from_manifest(manifest, cache_dir)
     mine = [name for i, name in enumerate(sorted(manifest["shards"])) if i % world == rank]
 
     # Tokens first: they are cheap and let a reader see the data even mid-capture.
@@ -356,16 +268,16 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
         shard_dir.mkdir(exist_ok=True)
         for tmp in shard_dir.glob("*.tmp*"):
             tmp.unlink()  # leftovers of a killed run are never trusted
-        if not all(f in entry["files"] for f in store.TOKEN_FILES):
+        if not all(f in entry["files"] for f in mf.TOKEN_FILES):
             a, b = entry["samples"]
             for fname, rec in write_tokens(shard_dir, samples[a:b], domains).items():
-                store.record_file(cache_dir, name, fname, rec)
+                mf.record_file(cache_dir, name, fname, rec)
 
-    manifest = store.read_manifest(cache_dir)
+    manifest = mf.read_manifest(cache_dir)
     cached = [t for t in recipe.teachers if not t.online]  # online teachers run in `distill train` instead
-    pending = {t.name: [s for s in mine if store.teacher_file(t.name) not in manifest["shards"][s]["files"]]
+    pending = {t.name: [s for s in mine if mf.teacher_file(t.name) not in manifest["shards"][s]["files"]]
                for t in cached}
-    report.shards_skipped = sum(1 for s in mine if store.is_shard_complete(manifest, s))
+    report.shards_skipped = sum(1 for s in mine if mf.is_shard_complete(manifest, s))
     total = sum(len(v) for v in pending.values())
     bar = tqdm(total=total, desc="cache", unit="shard·teacher", disable=not main or total == 0)
     for group in sorted(groups(cached), key=lambda g: not loader.holds(g)):  # a loaded group first
@@ -381,8 +293,8 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
                     rows = shard_rows(m, samples[a:b], codec, recipe.cache.batch_size, tok.pad_token_id,
                                       device, report)
                 t0 = time.perf_counter()
-                rec = store.write_npy_atomic(cache_dir / name / store.teacher_file(t.name), rows)
-                store.record_file(cache_dir, name, store.teacher_file(t.name), rec)
+                rec = write_npy_atomic(cache_dir / name / mf.teacher_file(t.name), rows)
+                mf.record_file(cache_dir, name, mf.teacher_file(t.name), rec)
                 report.write_s += time.perf_counter() - t0
                 report.rows += len(rows)
                 bar.update(1)
@@ -392,7 +304,7 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
     report.model_loads = loader.loads
     bar.close()
     barrier()
-    final = store.read_manifest(cache_dir)
+    final = mf.read_manifest(cache_dir)
     if not final["complete"]:
         raise CacheError(f"{cache_dir}: capture ended with incomplete shards (a rank failed?)")
     return report

@@ -18,7 +18,11 @@ Codecs (byte layouts in docs/cache_codec.md, measurements in docs/benchmarks.md)
               entries as fit, up to k (distill/cache/codec_vk.py). `default` is vk64, `hifi` vk198.
 
 A vk codec may code ids as ranks in a teacher-calibrated id order (`make_codec(..., id_order=)`,
-stored in the cache as id_order.npy); readers build the codec with `codec_from_manifest`.
+stored in the cache as id_order.npy); readers build the codec with
+`distill.cache.manifest.codec_from_manifest`.
+
+A row that leaves tokens outside it decodes with a residual of at least
+`tail.RESIDUAL_FLOOR` (log 2.4e-7) under every codec (distill/cache/tail.py).
 
 Records are fixed-size, so a cache stays sliceable; k comes from the recipe (`cache.top_k`).
 For ef/fp16 the size follows from (codec, k, V) (ef6 with k = 26 is 64 bytes at V = 49,152);
@@ -30,16 +34,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Union
 
-import numpy as np
 import torch
 
-from distill.cache.codec_vk import LAYOUT as VK_LAYOUT
-from distill.cache.codec_vk import ORDERED_LAYOUT, VarKCodec
-from distill.cache.store import sha256_file
-from distill.errors import CacheError
+from distill.cache.codec_vk import VarKCodec
+from distill.cache.tail import RESIDUAL_BITS, RESIDUAL_FLOOR, residual_code
 
 
 # Rows are processed in blocks of at most this many logits (2 MiB in fp32) so that each pass
@@ -158,7 +158,8 @@ class Fp16Codec:
     def encode(self, ids: torch.Tensor, logprobs: torch.Tensor, log_residual: torch.Tensor) -> torch.Tensor:
         """ids [M, k] int, logprobs [M, k] float, log_residual [M] float -> [M, record_bytes] uint8."""
         _check_rows(self, ids, logprobs, log_residual)
-        # -inf residual (k == V) is stored as the float16 minimum, i.e. ~zero mass.
+        # -inf (k == V, or a tail below fp32 rounding) is stored as the float16 minimum; decoding
+        # raises the residual to the floor every codec shares.
         res = log_residual.float().clamp(min=-60000.0).unsqueeze(-1)
         lp = logprobs.float().clamp(min=-60000.0)
         return torch.cat([_pack_uint(ids, self.id_bytes), _f16_bytes(lp), _f16_bytes(res)], dim=-1)
@@ -171,6 +172,8 @@ class Fp16Codec:
         res = _bytes_f16(records[:, k * ib + 2 * k :], 1).squeeze(-1)
         if self.k == self.vocab_size:
             res = torch.full_like(res, float("-inf"))
+        else:
+            res = res.clamp(min=RESIDUAL_FLOOR)
         return ids, normalize_sparse(lp, res), res
 
     def describe(self) -> dict:
@@ -230,7 +233,7 @@ class EliasFanoCodec:
     GAMMA = 0.2  # compander exponent (bench/codec_bench.py: 0.1..0.3 are within 0.0002 TVD)
     LO_BITS = 6  # per-row range: lo = -LO_RANGE * (q + 1) / 2**LO_BITS
     LO_RANGE = 24.0  # relative log-probs below -24 (p < 4e-11 * p_top1) are clamped
-    RESIDUAL_BITS = 10
+    RESIDUAL_BITS = RESIDUAL_BITS  # the residual code shared with the vk codecs (tail.py)
 
     def __post_init__(self):
         if not 1 <= self.k <= self.vocab_size:
@@ -275,7 +278,7 @@ class EliasFanoCodec:
         code = torch.round((y - w) / (1 - w) * n).clamp(0, n)
         # Keep the top code for the top-1 alone, so ties can never flip the decoded argmax.
         code = torch.where(is_top, torch.full_like(code, n), code.clamp(max=max(n - 1, 0)))
-        res_code = self._residual_code(log_residual.float())
+        res_code = residual_code(log_residual.float())
         low, upper = self._ef_encode(sid)
         # Fields end to end: residual, lo, k value codes, k Elias-Fano low parts, the upper bit vector.
         bits = torch.cat([_to_bits(res_code.unsqueeze(-1), self.RESIDUAL_BITS),
@@ -316,11 +319,6 @@ class EliasFanoCodec:
         cells = 1 << self.LO_BITS
         q = (torch.ceil(-dmin * cells / self.LO_RANGE) - 1).clamp(0, cells - 1)
         return q.to(torch.int64), -self.LO_RANGE * (q + 1) / cells
-
-    def _residual_code(self, log_residual: torch.Tensor) -> torch.Tensor:
-        cells = 1 << self.RESIDUAL_BITS
-        r = torch.exp(log_residual).clamp(0, 1)
-        return torch.floor(torch.sqrt(r) * cells).clamp(0, cells - 1).to(torch.int64)
 
     def _ef_encode(self, sid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted ids [M, k] -> low parts [M, k] and the upper bit vector [M, upper_bits]."""
@@ -398,31 +396,3 @@ def make_codec(name: str, k: int, vocab_size: int, id_order=None) -> Codec:
             raise ValueError(f"{name}: only vk codecs take an id_order")
         codec = dataclasses.replace(codec, id_order=id_order)
     return codec
-
-
-def codec_from_manifest(manifest: dict, cache_dir) -> Codec:
-    """The codec a cache was written with, built from its manifest (never from the recipe).
-
-    An ordered vk cache names its id order file and sha256 under codec.id_order; the file is
-    loaded and its hash checked, so a stale or corrupt order (which would decode every row to
-    wrong ids without any error) is refused, naming the file."""
-    c = manifest["codec"]
-    layout = c.get("layout")
-    if layout not in (None, VK_LAYOUT, ORDERED_LAYOUT, "elias-fano-v1"):
-        raise CacheError(f"{cache_dir}: codec layout {layout!r} is unknown to this version of distill")
-    if layout != ORDERED_LAYOUT:
-        return make_codec(c["name"], c["k"], c["vocab_size"])
-    rec = c.get("id_order") or {}
-    if not rec.get("sha256"):
-        raise CacheError(f"{cache_dir}: the manifest has no id order hash (capture interrupted before the "
-                         "order was written?); rerun `distill cache`")
-    path = Path(cache_dir) / rec["file"]
-    if not path.is_file():
-        raise CacheError(f"{path}: missing id order file")
-    if sha256_file(path) != rec["sha256"]:
-        raise CacheError(f"{path}: sha256 mismatch (corrupt or replaced id order file)")
-    order = np.load(path, allow_pickle=False)
-    try:
-        return make_codec(c["name"], c["k"], c["vocab_size"], id_order=order)
-    except ValueError as exc:
-        raise CacheError(f"{path}: {exc}") from None

@@ -35,6 +35,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from distill.cache.tail import RESIDUAL_BITS, largest_free_ids, residual_code
+
 LAYOUT = "variable-k-v1"
 ORDERED_LAYOUT = "variable-k-ordered-v1"  # ids coded as ranks in a teacher-calibrated order
 ID_ORDER_FILE = "id_order.npy"  # the order in a cache directory: int32 [V], named in the manifest
@@ -133,7 +135,7 @@ class VarKCodec:
 
     GAMMA = 0.35  # compander exponent (bench: 0.2..0.5 within 0.0005 TVD)
     LO_RANGE = 24.0  # relative log-probs below -24 are raised to -24 (fixed range, no per-row field)
-    RESIDUAL_BITS = 10
+    RESIDUAL_BITS = RESIDUAL_BITS  # the residual code shared with the ef codecs (tail.py)
     ID_ORDER_BITS = 4  # Exp-Golomb order of the ids, 0..15
     VALUE_ORDER_BITS = 2  # Exp-Golomb order of the value steps, 0..3
 
@@ -218,7 +220,7 @@ class VarKCodec:
         r_id, r_v = id_arg.gather(-1, last).squeeze(-1), st_arg.gather(-1, last).squeeze(-1)
         j = torch.arange(k, device=dev)
         dropped = torch.logsumexp(torch.where(j >= last + 1, lp, float("-inf")), -1)
-        res_code = self._residual_code(torch.logaddexp(log_residual.float(), dropped))
+        res_code = residual_code(torch.logaddexp(log_residual.float(), dropped))
 
         # Symbols in stream order: ids 0..k_row-1, then value steps 1..k_row-1 (slots past those are empty).
         s = torch.arange(2 * k - 1, device=dev)
@@ -313,7 +315,7 @@ class VarKCodec:
         # the residual shrinks to match.
         spread = torch.log((V - k_row).clamp(min=1).float())
         lp = torch.where(stored, lp, (log_r - spread).unsqueeze(-1))
-        ids = torch.where(stored, ids, self._pad_ids(ids, stored, k_row))
+        ids = torch.where(stored, ids, largest_free_ids(ids, stored, k_row, V))
         if k == V:
             res = torch.full((M,), float("-inf"), device=dev)
         else:
@@ -327,16 +329,6 @@ class VarKCodec:
         at = torch.tensor([[self.RESIDUAL_BITS]], device=records.device).expand(len(records), 1)
         return _read(_words(records), at, torch.full_like(at, self.count_bits))[:, 0] + 1
 
-    def _pad_ids(self, ids: torch.Tensor, stored: torch.Tensor, k_row: torch.Tensor) -> torch.Tensor:
-        """[M, k]: at position j >= k_row the (j - k_row)-th largest id not among the stored ones."""
-        M, k, V = ids.shape[0], self.k, self.vocab_size
-        C = min(V, 2 * k)  # the top C ids hold at least k - k_row non-members
-        slot = torch.where(stored & (ids >= V - C), V - 1 - ids, C)
-        member = torch.zeros((M, C + 1), dtype=torch.uint8, device=ids.device).scatter_(1, slot, 1)[:, :C]
-        free = torch.sort(member, dim=-1, stable=True).indices  # non-members first, largest id first
-        j = torch.arange(k, device=ids.device)
-        return V - 1 - free.gather(1, (j - k_row.unsqueeze(-1)).clamp(0, C - 1))
-
     # -- pieces ------------------------------------------------------------------------------------
 
     def _quantize(self, d: torch.Tensor) -> torch.Tensor:
@@ -347,11 +339,6 @@ class VarKCodec:
         code = torch.round((y - w) / (1 - w) * n).clamp(0, max(n - 1, 0)).to(torch.int64)
         code[:, 0] = n  # the top-1 keeps the top code alone, so the decoded argmax is the true one
         return code
-
-    def _residual_code(self, log_residual: torch.Tensor) -> torch.Tensor:
-        cells = 1 << self.RESIDUAL_BITS
-        r = torch.exp(log_residual).clamp(0, 1)
-        return torch.floor(torch.sqrt(r) * cells).clamp(0, cells - 1).to(torch.int64)
 
     def _check(self, ids: torch.Tensor, logprobs: torch.Tensor, log_residual: torch.Tensor) -> None:
         M, k = ids.shape[0], self.k

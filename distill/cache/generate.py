@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -32,11 +31,13 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from distill.cache import store
-from distill.cache.teachers import Active, GroupLoader, groups, teacher_record
+from distill.cache import manifest as mf
+from distill.cache.manifest import teacher_record
+from distill.cache.teachers import Active, GroupLoader, groups
 from distill.config import Recipe
 from distill.data import Generated, Prompt
 from distill.errors import CacheError
+from distill.files import sha256_file, write_json_atomic, write_text_atomic
 from distill.schema import to_dict
 
 FORMAT = "distill-generated"
@@ -151,8 +152,8 @@ def prepare_dir(cache_dir: Path, meta: dict, rebuild: bool) -> None:
     """Reuse responses generated from the same inputs; refuse (or with rebuild, discard) a cache made otherwise."""
     gdir = cache_dir / "generated"
     old, found = None, False
-    if (cache_dir / "manifest.json").exists():
-        found, old = True, store.read_manifest(cache_dir)["data"].get("generation", {}).get("meta")
+    if (cache_dir / mf.NAME).exists():
+        found, old = True, mf.stored_generation_meta(cache_dir)
     elif (gdir / "meta.json").exists():
         found = True
         try:
@@ -171,18 +172,13 @@ def prepare_dir(cache_dir: Path, meta: dict, rebuild: bool) -> None:
     for tmp in gdir.glob("*.tmp*"):
         tmp.unlink()  # leftovers of a killed run are never trusted
     if not (gdir / "meta.json").exists():
-        store.write_json_atomic(gdir / "meta.json", meta)
+        write_json_atomic(gdir / "meta.json", meta)
 
 
 def write_chunk(path: Path, prompts: list[Prompt], responses: list[Generated]) -> None:
     lines = [json.dumps({"source": p.source, "row": p.row, "ids": g.ids, "eos": g.eos}) + "\n"
              for p, g in zip(prompts, responses)]
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write("".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(lines))
 
 
 def read_chunk(path: Path, prompts: list[Prompt]) -> list[Generated]:
@@ -239,7 +235,7 @@ def run_generation(recipe: Recipe, prompts: list[Prompt], tok, tok_fp: str, load
     for fname, _, idx in plan:
         for i, g in zip(idx, read_chunk(gdir / fname, [prompts[i] for i in idx])):
             out[i] = g
-        files[fname] = store.sha256_file(gdir / fname)
+        files[fname] = sha256_file(gdir / fname)
     record = {"meta": meta, "files": files, "responses": len(out),
               "hit_eos": sum(g.eos for g in out)}
     return out, record

@@ -19,118 +19,23 @@ position i-1 (which predicts token i), encoded by the manifest's codec. A sample
 rows are the contiguous slice row_offsets[j]:row_offsets[j+1] of every teacher file.
 
 Every file is written to a temporary name and renamed once complete; the manifest
-records each file's byte size and sha256. Opening a cache checks sizes (fast);
-`verify()` checks every hash. All content is deterministic, so an interrupted and
+(built, read and checked by distill/cache/manifest.py) records each file's byte size and
+sha256. Opening a cache checks sizes (fast); `verify()` checks every hash. All content is deterministic, so an interrupted and
 resumed capture ends byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
+import bisect
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from distill.cache.manifest import cached_teachers, codec_from_manifest, read_manifest, teacher_file
 from distill.errors import CacheError
-
-FORMAT = "distill-cache"
-VERSION = 1
-# A cache whose vk records code ids as ranks in a stored id order (codec.id_order) is written as v2,
-# so that a reader from before id orders refuses it instead of decoding ranks as ids.
-ORDERED_VERSION = 2
-READABLE_VERSIONS = (VERSION, ORDERED_VERSION)
-TOKEN_FILES = ("input_ids.npy", "target_mask.npy", "sample_offsets.npy", "row_offsets.npy", "domains.npy")
-
-
-def teacher_file(name: str) -> str:
-    return f"teacher-{name}.npy"
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_npy_atomic(path: Path, array: np.ndarray) -> dict:
-    """Write `array` as .npy under a temporary name, fsync, rename. Returns its file record."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-@contextmanager
-def locked(cache_dir: Path):
-    """Serialise manifest updates between processes capturing into the same cache."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def read_manifest(cache_dir: Path) -> dict:
-    path = Path(cache_dir) / "manifest.json"
-    if not path.is_file():
-        raise CacheError(f"{cache_dir}: no cache here (manifest.json missing); run `distill cache` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CacheError(f"{path}: manifest is not valid JSON (corrupt cache; rerun `distill cache`)") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
-        raise CacheError(f"{path}: not a {FORMAT} v{'/v'.join(map(str, READABLE_VERSIONS))} manifest "
-                         f"(found {manifest.get('format')!r} v{manifest.get('version')!r})")
-    return manifest
-
-
-def record_file(cache_dir: Path, shard: str, fname: str, record: dict) -> None:
-    """Add one completed file to the manifest (under the lock)."""
-    with locked(cache_dir):
-        manifest = read_manifest(cache_dir)
-        manifest["shards"][shard]["files"][fname] = record
-        manifest["complete"] = all(is_shard_complete(manifest, s) for s in manifest["shards"])
-        write_json_atomic(cache_dir / "manifest.json", manifest)
-
-
-def cached_teachers(manifest: dict) -> list[str]:
-    """Names of the teachers whose records the cache holds (online teachers have none)."""
-    return [t["name"] for t in manifest["teachers"] if not t.get("online", False)]
-
-
-def expected_files(manifest: dict) -> list[str]:
-    return list(TOKEN_FILES) + [teacher_file(name) for name in cached_teachers(manifest)]
-
-
-def is_shard_complete(manifest: dict, shard: str) -> bool:
-    files = manifest["shards"][shard]["files"]
-    return all(f in files for f in expected_files(manifest))
+from distill.files import sha256_file
 
 
 @dataclass
@@ -181,8 +86,6 @@ class CacheReader:
 
     def codec(self):
         """The codec the records were written with (and its id order, hash-checked)."""
-        from distill.cache.codec import codec_from_manifest  # local import: codec imports this module
-
         return codec_from_manifest(self.manifest, self.dir)
 
     def verify(self, full: bool = True) -> None:
@@ -207,8 +110,6 @@ class CacheReader:
     def _locate(self, i: int) -> tuple[_Shard, int]:
         if not 0 <= i < self.n_samples:
             raise IndexError(i)
-        import bisect
-
         s = bisect.bisect_right(self._starts, i) - 1
         return self._shards[s], i - self._starts[s]
 

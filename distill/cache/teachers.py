@@ -15,15 +15,6 @@ from distill.config import Recipe, TeacherConfig
 from distill.models import attach_adapter, load_model
 
 
-def teacher_record(t: TeacherConfig) -> dict:
-    """What identifies a teacher's outputs (recorded in the cache manifest). `"online": true` marks
-    a teacher whose records the cache does not hold (train runs it); absent otherwise, so caches
-    written before online teachers existed keep their identity."""
-    return {"name": t.name, "model": t.model, "revision": t.revision, "adapter": t.adapter,
-            "gguf_file": t.gguf_file, "dtype": t.dtype, "quantization": t.quantization} \
-        | ({"online": True} if t.online else {})
-
-
 def group_key(t: TeacherConfig) -> tuple:
     return (t.model, t.revision, t.gguf_file, t.dtype, t.quantization)
 
