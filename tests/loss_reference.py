@@ -75,11 +75,16 @@ def shares(token_weights, ids, logprobs, log_residual, targets, vocab, weighting
 
 def dense_loss(hidden, weight, bias, ids, logprobs, log_residual, targets, token_weights, cfg):
     """Returns (loss_sum, n_tokens, teacher_div_sums [N], teacher_weight_sums [N], ce_sum)."""
-    vocab = weight.shape[0]
-    T = cfg.temperature
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
+    return dense_loss_from_logits(logits, ids, logprobs, log_residual, targets, token_weights, cfg)
+
+
+def dense_loss_from_logits(logits, ids, logprobs, log_residual, targets, token_weights, cfg):
+    """dense_loss from the student's logits [M, V] themselves (e.g. a model's own `.logits`)."""
+    vocab = logits.shape[-1]
+    T = cfg.temperature
     valid = targets != IGNORE
     q = torch.softmax(logits / T, dim=-1)
     ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
