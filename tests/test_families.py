@@ -34,7 +34,7 @@ PROTOCOLS = ("competition", "standard")
 
 
 def _rows() -> list[dict]:
-    """Calibration rows of 9 to 26 tokens (BOS included): every one longer than the window."""
+    """Calibration rows of 7 to 26 tokens (BOS included): every one longer than the window."""
     add = [{"prompt": f"{a}+{b}=", "response": str(a + b), "domain": "add"}
            for a, b in ((12, 34), (5, 77), (103, 9), (48, 1260), (7, 8), (321, 654))]
     words = ("abcdefg", "hello", "zyxwvutsrq", "kite", "mnopqrs", "quiz")
@@ -72,11 +72,12 @@ def fam(request, fam_world) -> dict:
             "adapter": lora_adapter(teacher, root / "adapter", seed=2)}
 
 
-def _recipe(fam: dict, run_dir: Path, overrides=(), **sections):
+def _recipe(fam: dict, run_dir: Path, overrides=()):
+    """conftest's tiny recipe over this family: teachers `plain` and `lora` (the adapter over it), its student."""
     world = {"ta": fam["teacher"], "tb": fam["teacher"], "base": fam["student"], "data": fam["data"]}
     teachers = [{"name": "plain", "model": str(fam["teacher"])},
                 {"name": "lora", "model": str(fam["teacher"]), "adapter": str(fam["adapter"])}]
-    recipe = tiny_recipe(world, run_dir, teachers=teachers, **sections)
+    recipe = tiny_recipe(world, run_dir, teachers=teachers)
     recipe["cache"] = {"top_k": K, "codec": "fp16", "batch_size": 4, "shard_tokens": 100,
                        "dir": str(fam["root"] / "cache")}
     return load_recipe(write_recipe(run_dir.with_suffix(".yaml"), recipe), list(overrides))
@@ -86,11 +87,10 @@ def _recipe(fam: dict, run_dir: Path, overrides=(), **sections):
 def cached(fam):
     """The family's cache, made by the `distill cache` stage: teachers `plain` and `lora`."""
     from distill import stages
+    from distill.cache.store import CacheReader
 
     recipe = _recipe(fam, fam["root"] / "capture")
     stages.cache(recipe, log=lambda *_: None)
-    from distill.cache.store import CacheReader
-
     return {"recipe": recipe, "reader": CacheReader(recipe.cache.dir, verify="full")}
 
 
@@ -207,12 +207,12 @@ def test_chunked_loss_equals_dense_loss_from_model_logits(fam):
     got_g = _grads(student)
 
     logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][select]
-    loss, n, divs, shares, ce = dense_loss_from_logits(logits, signal.ids, signal.logprobs, signal.log_residual,
-                                                       targets, tw, cfg)
+    loss, n_tokens, divs, shares, ce = dense_loss_from_logits(logits, signal.ids, signal.logprobs, signal.log_residual,
+                                                              targets, tw, cfg)
     loss.backward()
     ref_g = _grads(student)
 
-    assert got["n_tokens"] == n == 23
+    assert got["n_tokens"] == n_tokens == 23
     _close(got["ce"], ce, "CE (the student's log-probs of the gold)", rtol=1e-5, atol=1e-5)
     _close(got["div"], divs, "per-teacher divergences", rtol=1e-5, atol=1e-5)
     _close(got["share"], shares, "teacher shares", rtol=1e-6, atol=1e-6)
@@ -226,7 +226,7 @@ def test_chunked_loss_equals_dense_loss_from_model_logits(fam):
 
 # ---------------------------------------------------------------- choice scoring is the full forward
 
-# Prompts of 3 to 31 tokens (BOS included): all but the first are longer than the window; ragged choices.
+# Prompts of 3 to 32 tokens (BOS included): all but the first are longer than the window; ragged choices.
 PROMPTS = ["ab", "isitso:", "rev:abcdefgh=hgfedcba:answer:", "12+34=46:", "q:isthesky=blue:passage:abcdef:"]
 CHOICES = [("no", "yes"), ("false", "true"), ("no", "yes"), ("a", "bcd", "efghij"), ("no", "yes")]
 
