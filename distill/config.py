@@ -337,6 +337,9 @@ def validate(r: Recipe) -> None:
         names.add(t.name)
         _require(bool(t.model.strip()), f"{key}.model", "must not be empty")
         _require(t.weight >= 0, f"{key}.weight", f"must be >= 0, got {t.weight}")
+        _require(t.quantization == "none" or not t.gguf_file, f"{key}.quantization",
+                 f"{t.quantization} cannot be combined with gguf_file (transformers refuses to quantize a GGUF "
+                 "model with bitsandbytes); use quantization: none or a safetensors model")
     _require(sum(t.weight for t in r.teachers) > 0, "teachers", "teacher weights sum to zero")
     _require(bool(r.student.model.strip()), "student.model", "must not be empty")
     _require(r.student.max_params > 0, "student.max_params", "must be > 0")
