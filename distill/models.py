@@ -75,7 +75,10 @@ def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None =
                dtype: str = "auto", quantization: str = "none", adapter: str | None = None,
                trust_remote_code: bool = False, device: torch.device | str | None = None,
                what: str = "model"):
-    """A causal LM ready for inference or training; LoRA `adapter` attached (not merged) when given."""
+    """A causal LM ready for inference or training; LoRA `adapter` attached (not merged) when given.
+
+    `quantization` 4bit (NF4, computing in `dtype`) / 8bit (LLM.int8) loads through bitsandbytes,
+    straight onto `device` (a quantized model cannot be moved after loading)."""
     from transformers import AutoModelForCausalLM
 
     src = _check_ref(ref, what)

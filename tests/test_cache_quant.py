@@ -18,8 +18,6 @@ from distill.config import load_recipe
 from distill.errors import ConfigError, DistillError
 from distill.models import load_model
 
-pytest.importorskip("bitsandbytes")  # the `quant` extra
-
 K = 4
 PAD = 0  # the char tokenizer's pad id (capture pads with it)
 
