@@ -4,6 +4,7 @@ distributions, the manifest says so, and LoRA experts switch over a 4-bit base."
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_lora_experts_switch_over_one_4bit_base(qworld, tmp_path):
     assert all(not torch.equal(a, b) for j, a in enumerate(rows) for b in rows[j + 1:])  # the switch did something
 
 
-def test_4bit_shapes_bitsandbytes_cannot_run_on_this_cpu_are_one_line(tiny_world):
+def test_4bit_shapes_bitsandbytes_cannot_run_on_this_cpu_are_one_line(tiny_world, tmp_path, capsys):
     from bitsandbytes.functional import has_avx512bf16
 
     base = str(tiny_world["base"])  # hidden 32: below bitsandbytes' 4-bit block of 64
@@ -129,9 +130,13 @@ def test_4bit_shapes_bitsandbytes_cannot_run_on_this_cpu_are_one_line(tiny_world
         with torch.no_grad():
             assert model(torch.randint(3, 40, (1, 8))).logits.isfinite().all()
         return
-    with pytest.raises(DistillError, match=r"^teacher q: quantization: 4bit cannot run on this CPU: .* "
-                                           r"model\.layers\.0\.self_attn\.q_proj is 32 -> 32 \(use 8bit"):
-        load_model(base, quantization="4bit", device="cpu", what="teacher q")
+    recipe = tiny_recipe(tiny_world, tmp_path / "run", teachers=[{"name": "q", "model": base, "quantization": "4bit"}])
+    with pytest.raises(SystemExit) as exc:  # before: a reshape traceback from inside the first forward
+        main(["cache", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert re.search(r"^distill: error: teacher q: quantization: 4bit cannot run on this CPU: .* "
+                     r"model\.layers\.0\.self_attn\.q_proj is 32 -> 32 \(use 8bit, none, or a GPU\)$", err, re.M), err
 
 
 def test_quantized_model_lands_on_the_device_asked_for(qworld):
