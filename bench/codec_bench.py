@@ -200,6 +200,18 @@ def measure(codec, w: Workload, repeats: int = 3, threads: int = 1) -> dict:
         dec_s, (d_ids, d_lp, d_res) = _time(lambda: codec.decode(records), repeats)
     finally:
         torch.set_num_threads(prev)
+    # vk codecs keep a variable number of entries (the rest of the k is padding, exact uniform tail).
+    kept = codec.entries(records).double().mean().item() if hasattr(codec, "entries") else float(k)
+    timed = getattr(codec, "timed", True)
+    return ({"codec": codec.name, "k": k, "kept": kept, "bytes": codec.record_bytes}
+            | fidelity(w, d_ids, d_lp, d_res)
+            | {"encode_rows_s": N / enc_s if timed else None, "decode_rows_s": N / dec_s if timed else None})
+
+
+def fidelity(w: Workload, d_ids: torch.Tensor, d_lp: torch.Tensor, d_res: torch.Tensor) -> dict:
+    """Decoded rows (ids [N, k], log-probs [N, k], log-residual [N]) against p: TVD, KL, mass, top-1 (see measure)."""
+    N, V = w.lp.shape
+    k = d_ids.shape[1]
     r_hat = d_res.double().exp()
     c = r_hat / (V - k) if k < V else torch.zeros_like(r_hat)
     tail_abs = torch.cat([(w.p[a:a + w.chunk] - c[a:a + w.chunk, None].float()).abs_().sum(-1, dtype=torch.float64)
@@ -215,14 +227,9 @@ def measure(codec, w: Workload, repeats: int = 3, threads: int = 1) -> dict:
     kl_rev = (q * (q_log - lp_top)).sum(-1) + c * ((V - k) * log_c - (w.sum_lp - lp_top.sum(-1)))
     zero = (p_top - torch.softmax(q_log, -1)).abs().sum(-1) + (w.mass - mass)
     top1 = d_ids.gather(1, d_lp.argmax(-1, keepdim=True)).squeeze(1) == w.lp.argmax(-1)
-    # vk codecs keep a variable number of entries (the rest of the k is padding, exact uniform tail).
-    kept = codec.entries(records).double().mean().item() if hasattr(codec, "entries") else float(k)
-    return {"codec": codec.name, "k": k, "kept": kept, "bytes": codec.record_bytes,
-            "tvd": tvd.mean().item(), "tvd_bucket": 0.5 * (err_top + (w.mass - mass - r_hat).abs()).mean().item(),
+    return {"tvd": tvd.mean().item(), "tvd_bucket": 0.5 * (err_top + (w.mass - mass - r_hat).abs()).mean().item(),
             "tvd_zero": 0.5 * zero.mean().item(), "kl_fwd": kl_fwd.mean().item(), "kl_rev": kl_rev.mean().item(),
-            "mass": mass.mean().item(), "top1": top1.double().mean().item(),
-            "encode_rows_s": N / enc_s if getattr(codec, "timed", True) else None,
-            "decode_rows_s": N / dec_s if getattr(codec, "timed", True) else None}
+            "mass": mass.mean().item(), "top1": top1.double().mean().item()}
 
 
 def table(results: list[dict]) -> str:

@@ -361,6 +361,9 @@ def validate(r: Recipe) -> None:
         names.add(t.name)
         _require(bool(t.model.strip()), f"{key}.model", "must not be empty")
         _require(t.weight >= 0, f"{key}.weight", f"must be >= 0, got {t.weight}")
+        _require(t.quantization == "none" or not t.gguf_file, f"{key}.quantization",
+                 f"{t.quantization} cannot be combined with gguf_file (transformers refuses to quantize a GGUF "
+                 "model with bitsandbytes); use quantization: none or a safetensors model")
     _require(sum(t.weight for t in r.teachers) > 0, "teachers", "teacher weights sum to zero")
     if r.train.online_teachers:  # resolved here, so the saved recipe shows which teachers run online
         for t in r.teachers:

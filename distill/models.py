@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -76,7 +77,10 @@ def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None =
                dtype: str | torch.dtype = "auto", quantization: str = "none", adapter: str | None = None,
                trust_remote_code: bool = False, device: torch.device | str | None = None,
                what: str = "model"):
-    """A causal LM ready for inference or training; LoRA `adapter` attached (not merged) when given."""
+    """A causal LM ready for inference or training; LoRA `adapter` attached (not merged) when given.
+
+    `quantization` 4bit (NF4, computing in `dtype`) / 8bit (LLM.int8) loads through bitsandbytes,
+    straight onto `device` (a quantized model cannot be moved after loading)."""
     from transformers import AutoModelForCausalLM
 
     src = _check_ref(ref, what)
@@ -87,22 +91,76 @@ def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None =
     else:
         kwargs["use_safetensors"] = True
     if quantization != "none":
-        from transformers import BitsAndBytesConfig
-
-        if quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_quant_type="nf4")
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"], what)
+        if device is not None:
+            # bitsandbytes quantizes the weights where they load and the result cannot be moved
+            # afterwards; without a device_map transformers would pick the current CUDA device.
+            kwargs["device_map"] = torch.device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except _load_errors() as exc:
         raise _hub_error(ref, what, exc) from None
     if device is not None and quantization == "none":
         model.to(device)
+    if quantization == "4bit":
+        _check_cpu_4bit(model, what)
     if adapter:
         model = attach_adapter(model, adapter, name="default", what=what)
     return model
+
+
+class _FirstOnly(logging.Filter):
+    """Passes the first record of `prefix`, drops its repeats (other records pass)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+_INT8_CAST = "MatMul8bitLt: inputs will be cast"
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype, what: str):
+    """The BitsAndBytesConfig for `quantization` (4bit: NF4 computing in `dtype`; 8bit: LLM.int8)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DistillError(f"{what}: quantization: {quantization} needs bitsandbytes "
+                           "(pip install 'distill[quant]')") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    # Every 8-bit matmul on non-fp16 inputs logs this warning: thousands of identical lines a capture.
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _FirstOnly) for f in log.filters):
+        log.addFilter(_FirstOnly(_INT8_CAST))
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _check_cpu_4bit(model, what: str) -> None:
+    """Refuse a 4-bit model whose layer shapes bitsandbytes cannot run on this CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight at its first inference
+    forward, which needs in_features a multiple of the quantization block (64) and out_features
+    a multiple of 32; other shapes fail there with a reshape traceback. Real LLMs' shapes fit."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    for name, m in model.named_modules():
+        if not isinstance(m, bnb.nn.Linear4bit) or m.weight.device.type != "cpu":
+            continue
+        block = m.weight.quant_state.blocksize
+        if (m.in_features % block or m.out_features % 32) and has_avx512bf16():
+            raise DistillError(f"{what}: quantization: 4bit cannot run on this CPU: bitsandbytes needs each "
+                               f"layer's input size a multiple of {block} and output size a multiple of 32, and "
+                               f"{name} is {m.in_features} -> {m.out_features} (use 8bit, none, or a GPU)")
 
 
 def attach_adapter(model, adapter: str, *, name: str, what: str = "adapter"):

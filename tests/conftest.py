@@ -88,3 +88,27 @@ def smollm_wheel_present() -> bool:
         return True
     except DistillError:
         return False
+
+
+@torch.no_grad()
+def capture_batch_logprobs(model, reader, batch_size: int, pad_id: int) -> list[torch.Tensor]:
+    """Per cached sample, `model`'s log_softmax at its target positions: [n_targets, V] each.
+
+    Run in the batches capture ran it in (its shards, length-sorted batches, padding): a quantized
+    model's outputs depend on the batch (LLM.int8 picks its fp16 outlier columns per batch), so
+    this is the reference the cache must equal (pad rows count too: pass the tokenizer's pad id).
+    The logits come from the full `model(...)` forward, not from capture's decoder + head path."""
+    from distill.cache import capture
+    from distill.data import Sample
+
+    out: list[torch.Tensor | None] = [None] * len(reader)
+    for entry in reader.manifest["shards"].values():
+        a, b = entry["samples"]
+        samples = [Sample(reader.sample(i)["input_ids"].tolist(), reader.sample(i)["target_mask"].tolist())
+                   for i in range(a, b)]
+        for idx in capture._batches(samples, batch_size):
+            ids, attn, select = capture._pad(samples, idx, pad_id, torch.device("cpu"))
+            lp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+            for r, i in enumerate(idx):
+                out[a + i] = lp[r][select[r]]
+    return out
