@@ -234,7 +234,7 @@ def full_rows(model, samples, batch_size: int, pad_id: int) -> torch.Tensor:
     for idx in capture._batches(samples, batch_size):
         ids, attn, select = capture._pad(samples, idx, pad_id, torch.device("cpu"))
         hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
-        lp = torch.log_softmax(capture._head_logits(model, hidden[:, :-1][select]).float(), -1)
+        lp = torch.log_softmax(model_logits(model, hidden[:, :-1][select]).float(), -1)
         for r, part in zip(idx, lp.split(select.sum(1).tolist())):
             per_sample[r] = part
     return torch.cat(per_sample)
