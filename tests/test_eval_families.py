@@ -1,15 +1,17 @@
-"""Choice scoring on every attention layout users bring (full, sliding window, hybrid), in fp32 and bf16.
+"""Choice scoring on every attention layout users bring, in fp32 and bf16.
 
-Tiny random-init Llama, Mistral, Qwen2, Gemma 2 and Gemma 3 models (hidden 32, 2 layers,
-windows of 6-8 tokens), prompts shorter and longer than the window in one batch: batched,
-cached scores equal one unbatched forward of the model over prompt + choice.
+Tiny random-init Llama, Mistral, Qwen2, Gemma 2, Gemma 3, Llama 4 and LFM2 models (hidden 32,
+2 layers: full, sliding-window (6-8 tokens), hybrid, chunked (4 tokens), conv + attention),
+prompts shorter and longer than the window in one batch: batched, cached scores equal one
+unbatched forward of the model over prompt + choice.
 """
 
 import pytest
 import torch
 from test_eval_models import ANY_PADDING, BOS, EOS, PAD, TOK, reference_choice_score
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Lfm2Config, Lfm2ForCausalLM,
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from distill.evaluation import build_examples, load_task
 from distill.evaluation.loglik import score_choices, shared_cache
@@ -28,9 +30,16 @@ FAMILIES = {
     "gemma2": (Gemma2ForCausalLM, Gemma2Config(sliding_window=WINDOW, final_logit_softcapping=3.0, **COMMON)),
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(sliding_window=6, layer_types=["sliding_attention",
                                                                                    "full_attention"], **COMMON)),
+    # Chunked attention (restarts every 4 tokens; its cache layers are sliding ones) and a 2-expert MoE.
+    "llama4": (Llama4ForCausalLM, Llama4TextConfig(attention_chunk_size=4, num_local_experts=2,
+                                                   intermediate_size_mlp=64, **COMMON)),
+    # A short convolution layer, then full attention: its conv state cannot be cropped.
+    "lfm2": (Lfm2ForCausalLM, Lfm2Config(layer_types=["conv", "full_attention"], **COMMON)),
 }
+# Per family, which cache layers are sliding; None: the cache is not shared (full sequences instead).
 SLIDING = {"llama": [False, False], "mistral": [True, True], "qwen2": [False, True], "gemma2": [True, False],
-           "gemma3": [True, False]}
+           "gemma3": [True, False], "llama4": [True, True],
+           "lfm2": None}
 
 # With BOS: 2, 6, 10 and 35 tokens, around and far past the window; choices of 1-8 tokens,
 # so prompt + choice crosses the window in some rows and not in others.
@@ -55,6 +64,9 @@ def one_thread():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_cache_sharing_is_decided_from_the_layers(name):
     cache = shared_cache(family_model(name))
+    if SLIDING[name] is None:
+        assert cache is None
+        return
     assert cache is not None and cache.is_sliding == SLIDING[name]
     assert all(layer.record_past for layer in cache.layers if layer.is_sliding)  # so that crop rolls back exactly
 

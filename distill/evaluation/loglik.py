@@ -135,21 +135,29 @@ def fp32_logits(model, hidden: torch.Tensor, transform: LogitTransform) -> torch
 def shared_cache(model) -> DynamicCache | None:
     """A fresh cache that the choice passes can share and crop back exactly, or None.
 
-    Full-attention layers crop exactly. Sliding-window layers keep only their last
-    window - 1 keys and cannot crop once prompt + choice reaches the window, unless they
-    record the past until each crop (`activate_past_recording`), which they do here. Any
-    other layer (chunked attention, linear attention, quantized caches) gets None: the
-    caller scores full prompt+choice sequences instead.
+    Full-attention layers crop exactly. Sliding-window (and chunked-attention) layers keep
+    only their last window - 1 keys and cannot crop once prompt + choice reaches the
+    window, unless they record the past until each crop (`activate_past_recording`), which
+    they do here. Any other layer (linear attention, conv states, sparse indexers) gets
+    None: the caller scores full prompt+choice sequences instead.
     """
-    config = model.config.get_text_config(decoder=True)
-    if getattr(config, "attention_chunk_size", None) or "chunked_attention" in (getattr(config, "layer_types", None)
-                                                                                 or ()):
-        return None
-    cache = DynamicCache(config=config)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     if not cache.layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
         return None
     cache.activate_past_recording()
     return cache
+
+
+def decoder(model):
+    """The model's decoder body (embeddings, layers, final norm), whose last hidden state the LM head reads.
+
+    `get_decoder()`, except where that returns the LM itself (Llama 4's `base_model_prefix` names
+    no attribute of Llama4ForCausalLM): then its `model`.
+    """
+    body = model.get_decoder()
+    if body.get_output_embeddings() is not None and hasattr(body, "model"):
+        body = body.model
+    return body
 
 
 def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -161,13 +169,13 @@ def _choice_logprobs_cached(model, prompts, choices, pad, cache: DynamicCache) -
     """Per prompt, per choice: the log-prob of each choice token given the prompt and the
     choice's earlier tokens. One pass over the prompts into `cache` (from shared_cache), then
     one pass per choice slot on top of it, cropped back to the prompts after each pass."""
-    device, decoder, transform = model_device(model), model.get_decoder(), logit_transform(model)
+    device, body, transform = model_device(model), decoder(model), logit_transform(model)
     if any(cache.is_sliding):
         # A sliding window is counted in columns (key visible iff query column - key column <
         # window), so each row's real tokens must be contiguous: left-pad the prompts, and the
         # choices continue from the last column.
         ids, mask = left_pad(prompts, pad, device)
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask), cache=cache, use_cache=True)
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions(mask), cache=cache, use_cache=True)
         last_hidden = out.last_hidden_state[:, -1]
     else:
         # Full attention: right-pad and pass no mask. Under causal attention a real token never
@@ -175,7 +183,7 @@ def _choice_logprobs_cached(model, prompts, choices, pad, cache: DynamicCache) -
         # its fast causal path (an explicit padding mask makes CPU attention materialise
         # [B, H, T, T]). The pads' keys and values are masked in the choice passes.
         ids, mask = right_pad(prompts, pad, device)
-        out = decoder(input_ids=ids, cache=cache, use_cache=True)
+        out = body(input_ids=ids, cache=cache, use_cache=True)
         last_hidden = out.last_hidden_state[torch.arange(len(prompts), device=device), mask.sum(-1) - 1]
     lengths = mask.sum(-1, keepdim=True)
     first = fp32_logits(model, last_hidden, transform)  # [B, V]: each prompt's last token predicts choice token 0
@@ -184,9 +192,9 @@ def _choice_logprobs_cached(model, prompts, choices, pad, cache: DynamicCache) -
         # Prompts with fewer choices get an empty, fully masked row in this slot.
         seqs = [cs[slot] if slot < len(cs) else [] for cs in choices]
         cids, cmask = right_pad(seqs, pad, device)
-        hidden = decoder(input_ids=cids, attention_mask=torch.cat([mask, cmask], dim=1),
-                         position_ids=lengths + torch.arange(cids.shape[1], device=device), cache=cache,
-                         use_cache=True).last_hidden_state
+        hidden = body(input_ids=cids, attention_mask=torch.cat([mask, cmask], dim=1),
+                      position_ids=lengths + torch.arange(cids.shape[1], device=device), cache=cache,
+                      use_cache=True).last_hidden_state
         cache.crop(-cids.shape[1])  # drop this slot's keys/values: the next choice sees the prompt only
         logits = torch.cat([first[:, None], fp32_logits(model, hidden[:, :-1], transform)], dim=1)
         lp = _token_logprobs(logits, cids)
@@ -204,8 +212,8 @@ def _choice_logprobs_concat(model, prompts, choices, pad) -> list[list[torch.Ten
     flat = [c for cs in choices for c in cs]
     ids, mask = left_pad([list(prompts[b]) + list(c) for b, c in zip(owner, flat)], pad, device)
     width = max(1, max(len(c) for c in flat))
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                 use_cache=False).last_hidden_state
+    hidden = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                            use_cache=False).last_hidden_state
     # Positions -(width+1)..-2 predict the last `width` tokens, where the choices are right-aligned.
     lp = _token_logprobs(fp32_logits(model, hidden[:, -(width + 1):-1], logit_transform(model)), ids[:, -width:])
     result: list[list[torch.Tensor]] = [[] for _ in prompts]
