@@ -69,17 +69,26 @@ def prompt_ids(tok, prompt, max_tokens=None):
     return ids[:max_tokens] if max_tokens else ids
 
 
+def reference_tokens(tok, prompt, choice, protocol, max_tokens=None):
+    """(prompt ids, choice ids, which choice tokens are summed), each protocol's rule written out plainly."""
+    if protocol == "competition":  # the choice alone, EOS appended, and the first choice token not counted
+        c = tok(choice, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return prompt_ids(tok, prompt, max_tokens), c, range(1, len(c))
+    # standard: the text prompt + " " + choice tokenized whole; the choice's tokens are those after the prompt's
+    whole, n = tok(prompt + " " + choice)["input_ids"], len(tok(prompt)["input_ids"])
+    return prompt_ids(tok, prompt, max_tokens), whole[n:], range(len(whole) - n)
+
+
 @torch.no_grad()
-def reference_choice_score(model, tok, prompt, choice, protocol, max_tokens=None):
-    """One unpadded forward pass over prompt + choice; the protocol's sum written out plainly."""
-    p = prompt_ids(tok, prompt, max_tokens)
-    c = tok(choice, add_special_tokens=False)["input_ids"]
-    if protocol == "competition":
-        c = c + [tok.eos_token_id]  # EOS appended, and the first choice token not counted
-        counted = range(1, len(c))
-    else:
-        counted = range(len(c))
-    logp = model(torch.tensor([p + c])).logits[0].float().log_softmax(-1)
+def reference_choice_score(model, tok, prompt, choice, protocol, max_tokens=None, logits_of=None):
+    """One unpadded forward pass over prompt + choice; the protocol's sum written plainly.
+
+    logits_of(model, ids [1, T]) -> [T, V] fp32; default the model's own `forward` logits.
+    """
+    p, c, counted = reference_tokens(tok, prompt, choice, protocol, max_tokens)
+    ids = torch.tensor([p + c])
+    logits = model(ids).logits[0].float() if logits_of is None else logits_of(model, ids)
+    logp = logits.log_softmax(-1)
     return sum(logp[len(p) + t - 1, c[t]].item() for t in counted)
 
 
@@ -137,15 +146,16 @@ def test_ragged_choices_batched_equal_unbatched(protocol):
 
 def test_the_cached_path_is_the_one_used():
     # The concat path is only a fallback: the cropped-cache path must work for a Llama.
-    from distill.evaluation.loglik import _choice_logprobs_cached, _choice_logprobs_concat
+    from distill.evaluation.loglik import _choice_logprobs_cached, _choice_logprobs_concat, shared_cache
 
     model = tiny_llama(len(TOK), seed=1)
     prompts = [TOK("short")["input_ids"], TOK("a rather longer prompt")["input_ids"]]
     choices = [[[5, 6], [7]], [[8, 9, 10]]]
+    cache = shared_cache(model)
+    assert cache is not None and not any(cache.is_sliding)  # full attention: the right-padded, maskless prompt pass
     with torch.inference_mode():
-        cached = _choice_logprobs_cached(model, prompts, choices, PAD)
+        cached = _choice_logprobs_cached(model, prompts, choices, PAD, cache)
         concat = _choice_logprobs_concat(model, prompts, choices, PAD)
-    assert cached is not None
     for a, b in zip(cached, concat):
         torch.testing.assert_close(torch.cat(a), torch.cat(b), rtol=0, atol=1e-5)
 
@@ -172,8 +182,11 @@ def test_competition_one_token_choice_is_log_p_eos_after_the_choice():
         logp = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)[EOS].item()
         assert score == pytest.approx(logp, abs=1e-5)
     (standard,), _ = score_choices(model, TOK, [prompt], [("N", "Y")], "standard")
-    first = model(torch.tensor([TOK(prompt)["input_ids"]])).logits[0, -1].log_softmax(-1)
-    assert standard == pytest.approx([first[TOK.convert_tokens_to_ids(c)].item() for c in "NY"], abs=1e-5)
+    # standard: log P(" " + choice | prompt), the choice as it reads after the prompt.
+    for choice, score in zip("NY", standard):
+        ids = TOK(prompt + " " + choice)["input_ids"]
+        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        assert score == pytest.approx(logp[-3, ids[-2]].item() + logp[-2, ids[-1]].item(), abs=1e-5)
     assert standard != pytest.approx(got, abs=1e-3)  # the two protocols measure different things
 
 

@@ -8,39 +8,41 @@ Two protocols (docs/eval.md):
   is log P(EOS | prompt + "Yes"): how willing the model is to stop after the
   answer, not the probability of the answer itself. Reproduced because the
   competition's numbers were computed this way.
-- `standard`: the sum of log-probs of every choice token (no EOS), i.e.
-  log P(choice | prompt).
+- `standard`: log P(continuation | prompt), the continuation being the choice
+  as it reads after the prompt (" Yes" after "Answer:"), tokenized in context
+  (see `continuation_ids`).
 
-Per batch: one forward pass over the prompts keeps their keys and values; then
-each choice slot (all first choices, then all second choices, ...) runs as a
-short right-padded pass on top of that cache, which is cropped back to the
-prompts afterwards. The prompt is encoded once however many choices it
-has, and the cache is never duplicated per choice, so memory stays that of one
-copy.
+Per batch: one pass of the model's decoder over the prompts keeps their keys
+and values; then each choice slot (all first choices, then all second choices,
+...) runs as a short right-padded pass on top of that cache, which is cropped
+back to the prompts afterwards. The prompt is encoded once however many choices
+it has, and the cache is never duplicated per choice. Where the cache cannot be
+rolled back exactly (decided up front from its layers, `shared_cache`), every
+choice runs as one full prompt+choice sequence instead.
+
+The scored log-probs are always a log_softmax over fp32 logits computed in fp32
+from the final hidden states (`fp32_logits`), whatever the model's dtype.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from distill.errors import DistillError
 from distill.evaluation.batching import (encode_prompts, left_pad, length_sorted_batches, model_device,
                                          pad_id, padding_budget, positions, right_pad)
+from distill.logits import LogitTransform, logit_transform
 
 PROTOCOLS = ("competition", "standard")
-
-
-def choice_ids(tokenizer, choice: str, protocol: str) -> list[int]:
-    """A choice's tokens: alone, without special tokens; competition appends EOS."""
-    ids = list(tokenizer(choice, add_special_tokens=False)["input_ids"])
-    if protocol == "competition":
-        if tokenizer.eos_token_id is None:
-            raise DistillError("protocol competition appends EOS to each choice, but the tokenizer has no EOS token")
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
+# What separates a `standard` choice from its prompt: lm-evaluation-harness's default
+# `target_delimiter`, the space before a word in running text ("Answer: Yes").
+DELIMITER = " "
+# Vocabulary rows of a bf16 head upcast at a time in fp32_logits (~30 MB at H=4096), so the
+# head is never copied whole in fp32 (152k x 3584 x 4 B = 2.2 GB for a Qwen2-7B).
+HEAD_CHUNK = 2048
 
 
 def counted(n_tokens: int, protocol: str) -> range:
@@ -48,51 +50,154 @@ def counted(n_tokens: int, protocol: str) -> range:
     return range(1, n_tokens) if protocol == "competition" else range(n_tokens)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _plain(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
-def _keep(model, which) -> dict:
-    """`logits_to_keep` when the model takes it: the full [B, T, V] logits are the biggest
-    allocation of a forward pass (B=16, T=500, V=49k: 1.6 GB in fp32), and we need few."""
-    params = inspect.signature(_base(model).forward).parameters
-    return {"logits_to_keep": which} if "logits_to_keep" in params else {}
+def competition_choice_ids(tokenizer, choice: str) -> list[int]:
+    """The starter kit's choice tokens: the choice alone, without special tokens, EOS appended."""
+    if tokenizer.eos_token_id is None:
+        raise DistillError("protocol competition appends EOS to each choice, but the tokenizer has no EOS token")
+    return _plain(tokenizer, [choice])[0] + [int(tokenizer.eos_token_id)]
 
 
-def _choice_logprobs_cached(model, prompts, choices, pad) -> list[list[torch.Tensor]] | None:
-    """Per prompt, per choice: the log-prob of each choice token given the prompt and the
-    choice's earlier tokens. One pass over the prompts, then one pass per choice slot on top
-    of their cache, which is cropped back to the prompts after each pass: the prompts are
-    encoded once, and the cache is never copied per choice. None when the model's cache
-    cannot be cropped (then the caller falls back to full sequences)."""
-    device = model_device(model)
-    # The prompt pass is right-padded and has no attention mask: with causal attention a
-    # real token never sees the pads after it, and positions 0..n-1 are already right, so
-    # attention can take its fast causal path (an explicit padding mask makes CPU attention
-    # materialise [B, H, T, T]). The pads' keys and values are masked in the choice passes.
-    ids, mask = right_pad(prompts, pad, device)
-    lengths = mask.sum(-1, keepdim=True)
-    last = lengths[:, 0] - 1  # each prompt's last real token predicts its choices' first token
-    keep = torch.unique(last)  # logits for these positions only, not [B, T, V]
-    kwargs = _keep(model, keep)
-    out = model(input_ids=ids, use_cache=True, **kwargs)
-    column = torch.searchsorted(keep, last) if kwargs else last
-    first = out.logits[torch.arange(len(prompts), device=device), column].float().log_softmax(-1)
-    cache = getattr(out, "cache", None)
-    if cache is None or not getattr(cache, "is_croppable", False):
+def split_context(prompt: str, choice: str) -> tuple[str, str]:
+    """(context, continuation) texts of a `standard` choice; context + continuation is the scored text.
+
+    The prompt's trailing whitespace moves to the continuation (lm-evaluation-harness's rule:
+    BPE tokenizers glue a space to the word after it, " Yes"); when no whitespace separates
+    prompt and choice, DELIMITER does.
+    """
+    context = prompt.rstrip()
+    gap = prompt[len(context):]
+    if not gap and choice and not choice[0].isspace():
+        gap = DELIMITER
+    return context, gap + choice
+
+
+def continuation_ids(tokenizer, contexts: list[str], continuations: list[str]) -> list[list[int]]:
+    """Per pair, the continuation's tokens as the tokenizer splits context + continuation.
+
+    The tokens of the whole text after the context's own tokens, when those are its prefix
+    (the usual case). When a token straddles the boundary (the tokenizer merges the
+    context's last characters with the continuation's first), the whole text has no split
+    at the context's tokens; then the continuation is tokenized alone, so the scored tokens
+    still spell exactly context + continuation (lm-eval would take the whole's tokens after
+    the context's count, which can drop or repeat characters).
+    """
+    ctx = _plain(tokenizer, contexts)
+    whole = _plain(tokenizer, [c + k for c, k in zip(contexts, continuations)])
+    out = []
+    for c, w, k in zip(ctx, whole, continuations):
+        out.append(w[len(c):] if w[:len(c)] == c else _plain(tokenizer, [k])[0])
+    return out
+
+
+def encode_choices(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], protocol: str,
+                   add_bos: str = "auto", max_prompt_tokens=None) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(prompt ids per prompt, token ids per choice per prompt) under `protocol`.
+
+    competition: the prompts as given, each choice alone + EOS. standard: the prompts without
+    trailing whitespace, each choice's continuation tokens in context (split_context,
+    continuation_ids). Prompt special tokens and truncation: batching.encode_prompts.
+    """
+    if protocol == "competition":
+        memo = {c: competition_choice_ids(tokenizer, c) for c in {c for cs in choices for c in cs}}
+        return encode_prompts(tokenizer, prompts, add_bos, max_prompt_tokens), [[memo[c] for c in cs] for cs in choices]
+    pairs = [split_context(p, c) for p, cs in zip(prompts, choices) for c in cs]
+    flat = iter(continuation_ids(tokenizer, [c for c, _ in pairs], [k for _, k in pairs]))
+    contexts = [p.rstrip() for p in prompts]
+    return encode_prompts(tokenizer, contexts, add_bos, max_prompt_tokens), [[next(flat) for _ in cs] for cs in choices]
+
+
+def fp32_logits(model, hidden: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    """The model's logits [..., V] in fp32 for final hidden states hidden [..., H].
+
+    A bf16 logit near 16 is rounded to a multiple of 0.125, coarser than the gap between
+    two BoolQ choices' scores, and the rounding depends on the batch's shape. So the head
+    runs in fp32 (bf16 weights and states upcast exactly, fp32 accumulation and output),
+    a chunk of vocabulary rows at a time, then the family's transform (distill.logits).
+    A head that is not a plain Linear (quantized, adapted) runs its own forward.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        z = head(hidden).float()
+    elif head.weight.dtype == torch.float32:
+        z = head(hidden.float())
+    else:
+        h = hidden.float()
+        z = torch.cat([torch.nn.functional.linear(h, w.float()) for w in head.weight.split(HEAD_CHUNK)], dim=-1)
+        if head.bias is not None:
+            z += head.bias.float()
+    return transform.apply_(z)
+
+
+def shared_cache(model) -> DynamicCache | None:
+    """A fresh cache that the choice passes can share and crop back exactly, or None.
+
+    Full-attention layers crop exactly. Sliding-window (and chunked-attention) layers keep
+    only their last window - 1 keys and cannot crop once prompt + choice reaches the
+    window, unless they record the past until each crop (`activate_past_recording`), which
+    they do here. Any other layer (linear attention, conv states, sparse indexers) gets
+    None: the caller scores full prompt+choice sequences instead.
+    """
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    if not cache.layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
         return None
+    cache.activate_past_recording()
+    return cache
+
+
+def decoder(model):
+    """The model's decoder body (embeddings, layers, final norm), whose last hidden state the LM head reads.
+
+    `get_decoder()`, except where that returns the LM itself (Llama 4's `base_model_prefix` names
+    no attribute of Llama4ForCausalLM): then its `model`.
+    """
+    body = model.get_decoder()
+    if body.get_output_embeddings() is not None and hasattr(body, "model"):
+        body = body.model
+    return body
+
+
+def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits [B, T, V] fp32) at ids [B, T] -> [B, T]."""
+    return logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+def _choice_logprobs_cached(model, prompts, choices, pad, cache: DynamicCache) -> list[list[torch.Tensor]]:
+    """Per prompt, per choice: the log-prob of each choice token given the prompt and the
+    choice's earlier tokens. One pass over the prompts into `cache` (from shared_cache), then
+    one pass per choice slot on top of it, cropped back to the prompts after each pass."""
+    device, body, transform = model_device(model), decoder(model), logit_transform(model)
+    if any(cache.is_sliding):
+        # A sliding window is counted in columns (key visible iff query column - key column <
+        # window), so each row's real tokens must be contiguous: left-pad the prompts, and the
+        # choices continue from the last column.
+        ids, mask = left_pad(prompts, pad, device)
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions(mask), cache=cache, use_cache=True)
+        last_hidden = out.last_hidden_state[:, -1]
+    else:
+        # Full attention: right-pad and pass no mask. Under causal attention a real token never
+        # sees the pads after it, and positions 0..n-1 are already right, so attention takes
+        # its fast causal path (an explicit padding mask makes CPU attention materialise
+        # [B, H, T, T]). The pads' keys and values are masked in the choice passes.
+        ids, mask = right_pad(prompts, pad, device)
+        out = body(input_ids=ids, cache=cache, use_cache=True)
+        last_hidden = out.last_hidden_state[torch.arange(len(prompts), device=device), mask.sum(-1) - 1]
+    lengths = mask.sum(-1, keepdim=True)
+    first = fp32_logits(model, last_hidden, transform)  # [B, V]: each prompt's last token predicts choice token 0
     result: list[list[torch.Tensor]] = [[] for _ in prompts]
     for slot in range(max(len(cs) for cs in choices)):
         # Prompts with fewer choices get an empty, fully masked row in this slot.
         seqs = [cs[slot] if slot < len(cs) else [] for cs in choices]
         cids, cmask = right_pad(seqs, pad, device)
-        out = model(input_ids=cids, attention_mask=torch.cat([mask, cmask], dim=1),
-                    position_ids=lengths + torch.arange(cids.shape[1], device=device), cache=cache, use_cache=True)
-        if not cache.is_croppable:  # e.g. a sliding window that has moved: cannot roll back
-            return None
+        hidden = body(input_ids=cids, attention_mask=torch.cat([mask, cmask], dim=1),
+                      position_ids=lengths + torch.arange(cids.shape[1], device=device), cache=cache,
+                      use_cache=True).last_hidden_state
         cache.crop(-cids.shape[1])  # drop this slot's keys/values: the next choice sees the prompt only
-        logp = torch.cat([first[:, None], out.logits[:, :-1].float().log_softmax(-1)], dim=1)
-        lp = logp.gather(-1, cids[..., None]).squeeze(-1)
+        logits = torch.cat([first[:, None], fp32_logits(model, hidden[:, :-1], transform)], dim=1)
+        lp = _token_logprobs(logits, cids)
         for b, cs in enumerate(choices):
             if slot < len(cs):
                 result[b].append(lp[b, :len(cs[slot])])
@@ -100,16 +205,17 @@ def _choice_logprobs_cached(model, prompts, choices, pad) -> list[list[torch.Ten
 
 
 def _choice_logprobs_concat(model, prompts, choices, pad) -> list[list[torch.Tensor]]:
-    """The same quantity from full prompt+choice sequences, one row per choice (no cache
-    reuse): for models whose cache cannot be cropped, and an independent path for the tests."""
+    """The same quantity from full prompt+choice sequences, one left-padded row per choice (no
+    cache reuse): for caches that cannot be shared, and an independent path for the tests."""
     device = model_device(model)
     owner = [b for b, cs in enumerate(choices) for _ in cs]
     flat = [c for cs in choices for c in cs]
     ids, mask = left_pad([list(prompts[b]) + list(c) for b, c in zip(owner, flat)], pad, device)
     width = max(1, max(len(c) for c in flat))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **_keep(model, width + 1))
-    logp = out.logits[:, -(width + 1):-1].float().log_softmax(-1)  # predicts the last `width` tokens
-    lp = logp.gather(-1, ids[:, -width:, None]).squeeze(-1)  # choice tokens are right-aligned
+    hidden = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                            use_cache=False).last_hidden_state
+    # Positions -(width+1)..-2 predict the last `width` tokens, where the choices are right-aligned.
+    lp = _token_logprobs(fp32_logits(model, hidden[:, -(width + 1):-1], logit_transform(model)), ids[:, -width:])
     result: list[list[torch.Tensor]] = [[] for _ in prompts]
     for row, (b, c) in enumerate(zip(owner, flat)):
         result[b].append(lp[row, width - len(c):] if c else lp[row, :0])
@@ -123,24 +229,26 @@ def score_choices(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
                   max_padding: float | None = None) -> tuple[list[list[float]], int]:
     """Score every choice of every prompt. Returns (scores per prompt, tokens processed).
 
+    reuse_cache: share each prompt's KV cache across its choices where the model's cache
+    allows it (shared_cache); False always scores full prompt+choice sequences.
     max_padding: see batching.length_sorted_batches; default by device (padding_budget).
     """
     if protocol not in PROTOCOLS:
         raise DistillError(f"eval.protocol: unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})")
     pad = pad_id(tokenizer)
-    prompt_ids = encode_prompts(tokenizer, prompts, add_bos, max_prompt_tokens)
-    memo = {c: choice_ids(tokenizer, c, protocol) for c in {c for cs in choices for c in cs}}
-    choice_tok = [[memo[c] for c in cs] for cs in choices]
+    logit_transform(model)  # an unknown logit transform fails before any batch runs
+    prompt_ids, choice_tok = encode_choices(tokenizer, prompts, choices, protocol, add_bos, max_prompt_tokens)
     results: list[list[float]] = [[] for _ in prompts]
     n_tokens = 0
     budget = padding_budget(model_device(model)) if max_padding is None else max_padding
+    reuse_cache = reuse_cache and shared_cache(model) is not None
     for batch in length_sorted_batches([len(p) for p in prompt_ids], batch_size, budget):
         batch_prompts, batch_choices = [prompt_ids[i] for i in batch], [choice_tok[i] for i in batch]
         if not any(batch_choices):
             continue
-        lp = _choice_logprobs_cached(model, batch_prompts, batch_choices, pad) if reuse_cache else None
-        if lp is None:
-            reuse_cache = False  # this model's cache cannot be cropped: stop trying
+        if reuse_cache:
+            lp = _choice_logprobs_cached(model, batch_prompts, batch_choices, pad, shared_cache(model))
+        else:
             lp = _choice_logprobs_concat(model, batch_prompts, batch_choices, pad)
         for i, per_choice, cs in zip(batch, lp, batch_choices):
             results[i] = [float(t[list(counted(len(c), protocol))].sum()) for t, c in zip(per_choice, cs)]
