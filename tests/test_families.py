@@ -240,7 +240,13 @@ CHOICES = [("no", "yes"), ("false", "true"), ("no", "yes"), ("a", "bcd", "efghij
 @torch.no_grad()
 def _full_forward_score(model, tok, prompt: str, choice: str, protocol: str) -> float:
     """One unpadded forward over prompt + choice, the protocol's sum written out plainly.
-    (With a char tokenizer a choice's tokens are the same alone and after the prompt.)"""
+    standard scores the choice in context after the documented text rule (`split_context`: a
+    space between "answer:" and "yes"); with a char tokenizer the continuation's tokens are the
+    same alone and after the prompt."""
+    from distill.evaluation.loglik import split_context
+
+    if protocol == "standard":
+        prompt, choice = split_context(prompt, choice)
     p = tok(prompt)["input_ids"]
     c = tok(choice, add_special_tokens=False)["input_ids"]
     if protocol == "competition":
