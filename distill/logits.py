@@ -161,3 +161,15 @@ def model_logits(model, hidden: torch.Tensor, transform: Optional[LogitTransform
         z = z.float()
     # In place saves two [..., V] buffers in capture; autograd needs tanh's output kept intact.
     return transform.apply(z) if z.requires_grad else transform.apply_(z)
+
+
+def decoder(model):
+    """The model's decoder body (embeddings, layers, final norm), whose last hidden state the LM head reads.
+
+    `get_decoder()`, except where that returns the LM itself (Llama 4's `base_model_prefix` names
+    no attribute of Llama4ForCausalLM): then its `model`.
+    """
+    body = model.get_decoder()
+    if body.get_output_embeddings() is not None and hasattr(body, "model"):
+        body = body.model
+    return body

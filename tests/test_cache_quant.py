@@ -7,7 +7,6 @@ import logging
 import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 

@@ -41,7 +41,7 @@ from distill.config import Recipe
 from distill.data import Sample, load_samples
 from distill.errors import CacheError, DistillError
 from distill.files import write_npy_atomic
-from distill.logits import logit_transform, model_logits
+from distill.logits import decoder, logit_transform, model_logits
 from distill.models import config_vocab_size, load_tokenizer, tokenizer_fingerprint
 
 
@@ -122,7 +122,7 @@ def teacher_topk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     clock = {} if clock is None else clock
     transform = logit_transform(model)
     tick = time.perf_counter()
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     h = hidden[:, :-1][select]
     parts = []
     for i in range(0, len(h), row_chunk):

@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from distill.errors import DistillError
 from distill.evaluation.batching import (encode_prompts, left_pad, length_sorted_batches, model_device,
                                          pad_id, padding_budget, positions, right_pad)
-from distill.logits import LogitTransform, logit_transform
+from distill.logits import LogitTransform, decoder, logit_transform
 
 PROTOCOLS = ("competition", "standard")
 # What separates a `standard` choice from its prompt: lm-evaluation-harness's default
@@ -146,18 +146,6 @@ def shared_cache(model) -> DynamicCache | None:
         return None
     cache.activate_past_recording()
     return cache
-
-
-def decoder(model):
-    """The model's decoder body (embeddings, layers, final norm), whose last hidden state the LM head reads.
-
-    `get_decoder()`, except where that returns the LM itself (Llama 4's `base_model_prefix` names
-    no attribute of Llama4ForCausalLM): then its `model`.
-    """
-    body = model.get_decoder()
-    if body.get_output_embeddings() is not None and hasattr(body, "model"):
-        body = body.model
-    return body
 
 
 def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
