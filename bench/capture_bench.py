@@ -70,7 +70,7 @@ from distill.cache.capture import run_capture  # noqa: E402
 from distill.cache.codec import DEFAULT_TOP_K, make_codec, sparse_from_logits  # noqa: E402
 from distill.config import load_recipe  # noqa: E402
 from distill.data import load_samples  # noqa: E402
-from distill.logits import model_logits  # noqa: E402
+from distill.logits import decoder, model_logits  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 
 
@@ -132,7 +132,7 @@ def bare_pass(model, samples, codec, batch_size: int, pad_id: int, row_chunk: in
 
         def forward():
             # What teacher_topk runs before sparse_from_logits: the decoder, then the head on target rows.
-            hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+            hidden = decoder(model)(input_ids=ids, attention_mask=attn).last_hidden_state
             h = hidden[:, :-1][select]
             return [model_logits(model, h[i:i + row_chunk]) for i in range(0, len(h), row_chunk)]
 
@@ -233,7 +233,7 @@ def full_rows(model, samples, batch_size: int, pad_id: int) -> torch.Tensor:
     per_sample: list[torch.Tensor | None] = [None] * len(samples)
     for idx in capture._batches(samples, batch_size):
         ids, attn, select = capture._pad(samples, idx, pad_id, torch.device("cpu"))
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        hidden = decoder(model)(input_ids=ids, attention_mask=attn).last_hidden_state
         lp = torch.log_softmax(model_logits(model, hidden[:, :-1][select]).float(), -1)
         for r, part in zip(idx, lp.split(select.sum(1).tolist())):
             per_sample[r] = part

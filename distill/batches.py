@@ -155,7 +155,10 @@ def decode_signal(codec, records: torch.Tensor) -> TeacherSignal:
 def collate_decoded(items: list[dict], pad_id: int, codec) -> dict:
     """`collate`, with the records already decoded: "signal" = (ids, logprobs, log_residual) instead of "records"."""
     batch = collate(items, pad_id)
-    s = decode_signal(codec, batch.pop("records"))
+    records = batch.pop("records")
+    if records.shape[0] == 0:  # every teacher is online: nothing cached to decode
+        return batch
+    s = decode_signal(codec, records)
     batch["signal"] = (s.ids, s.logprobs, s.log_residual)
     return batch
 

@@ -147,14 +147,37 @@ def logit_transform(model) -> LogitTransform:
     return IDENTITY
 
 
-def model_logits(model, hidden: torch.Tensor, transform: Optional[LogitTransform] = None) -> torch.Tensor:
+# Vocabulary rows of a low-precision head upcast at a time by model_logits(fp32=True) (~30 MB at
+# H = 4096), so the fp32 copy of the head never exists whole.
+HEAD_CHUNK = 2048
+
+
+def model_logits(model, hidden: torch.Tensor, transform: Optional[LogitTransform] = None,
+                 fp32: bool = False) -> torch.Tensor:
     """The logits [..., V] `model` would return for final hidden states hidden [..., H] (after the final norm).
 
     transform: logit_transform(model) when None. Identity: the head's output in its dtype. Otherwise
     the transform runs in fp32 (fp64 for an fp64 head): bf16 tanh loses digits near saturation.
+
+    fp32=True (evaluation): the head itself runs in fp32, a HEAD_CHUNK of vocabulary rows at a
+    time (bf16 weights and states upcast exactly, fp32 accumulation and output). A bf16 logit
+    near 16 is rounded to a multiple of 0.125, coarser than the gap between two BoolQ choices'
+    scores, and that rounding depends on the batch's shape. A head that is not a plain Linear
+    (quantized, adapted) runs its own forward, upcast after.
     """
     transform = logit_transform(model) if transform is None else transform
-    z = model.get_output_embeddings()(hidden)
+    head = model.get_output_embeddings()
+    if not fp32:
+        z = head(hidden)
+    elif type(head) is not torch.nn.Linear:
+        z = head(hidden).float()
+    elif head.weight.dtype == torch.float32:
+        z = head(hidden.float())
+    else:
+        h = hidden.float()
+        z = torch.cat([torch.nn.functional.linear(h, w.float()) for w in head.weight.split(HEAD_CHUNK)], dim=-1)
+        if head.bias is not None:
+            z += head.bias.float()
     if transform.is_identity:
         return z
     if z.dtype not in (torch.float32, torch.float64):

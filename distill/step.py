@@ -84,11 +84,12 @@ class TrainStep:
         self.params = [p for p in wrapped.parameters() if p.requires_grad]
         ds = getattr(acc, "deepspeed_engine_wrapped", None)
         self.engine = ds.engine if ds is not None else None
+        self.fp16 = acc.mixed_precision == "fp16"
 
     def __call__(self, micro_batches: list[dict], norm: int) -> dict:
         """Returns device tensors: loss_sum (0-dim) and loss [1] (this rank's token-loss sum),
         tokens [1] (its target tokens), div [N] and share [N] (per-teacher sums), grad_norm
-        (0-dim; None without clipping outside DeepSpeed). Raises NonFiniteStep before any update."""
+        (0-dim, also without clipping). Raises NonFiniteStep before any update."""
         acc = self.acc
         if len(micro_batches) != acc.gradient_accumulation_steps:
             raise ValueError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps "
@@ -105,8 +106,15 @@ class TrainStep:
         metrics["loss_sum"] = metrics["loss"].reshape(())
         if self.engine is not None:
             return self._deepspeed_update(metrics)
-        grad_norm = acc.clip_grad_norm_(self.params, self.max_grad_norm) if self.max_grad_norm > 0 else None
-        self._check_finite(metrics["loss_sum"] if grad_norm is None else metrics["loss_sum"] + grad_norm)
+        # Without clipping the norm is still taken (an infinite max_norm scales nothing), so a
+        # non-finite gradient behind a finite loss is caught too.
+        grad_norm = acc.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
+        if self.fp16:
+            # fp16 loss scaling: an overflowing step is normal, and the GradScaler inside opt.step()
+            # skips it (and lowers the scale); only a non-finite loss means divergence.
+            self._check_finite(metrics["loss_sum"])
+        else:
+            self._check_finite(metrics["loss_sum"] + grad_norm)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -140,7 +148,7 @@ class TrainStep:
         norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32,
                                     device=self.acc.device).reshape(())
-        if norm is not None:
+        if norm is not None and not self.fp16:  # fp16: the engine's loss scaler skipped an overflow step
             self._check_finite(grad_norm)  # equal on every rank (the engine reduced it)
         self.sched.step()
         metrics["grad_norm"] = grad_norm

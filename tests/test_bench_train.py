@@ -21,7 +21,6 @@ def test_train_bench_runs_on_tiny_models(tmp_path):
         assert line in out.stdout, out.stdout
     summary = json.loads((tmp_path / "r.json").read_text())["summary"]
     assert set(summary["modes"]) == {"cache", "online", "ce", "trl"}
-    assert summary["cache_vs_ce"] > 0
     # Same batch, same teachers, one codec path: the cached and the live signal differ only by the
     # float rounding of differently shaped teacher batches (capture ran 8 samples, the step 2).
     cache, online = summary["first_loss"]["cache"][0], summary["first_loss"]["online"][0]

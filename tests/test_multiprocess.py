@@ -143,7 +143,8 @@ def test_divergence_under_ddp_and_zero2_keeps_the_last_finite_weights(tiny_world
     from safetensors.torch import load_file
 
     from distill import batches as B
-    from distill.cache import manifest as store
+    from distill.cache.manifest import teacher_file
+    from distill.cache.store import CacheReader
     from distill.checkpoint import latest, verify
 
     root = Path(__file__).resolve().parent.parent
@@ -155,12 +156,12 @@ def test_divergence_under_ddp_and_zero2_keeps_the_last_finite_weights(tiny_world
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_capture(load_recipe(path))
     # Poison one logprob of the first sample of step 4's global micro-batch (the trainer's plan).
-    reader = store.CacheReader(tmp_path / "run" / "cache")
+    reader = CacheReader(tmp_path / "run" / "cache")
     plans = B.PlanCache(len(reader), 2, 2, 0, len(reader) // 4)
     victim = plans.batch(3)[0]
     shard, j = reader._locate(victim)
     row = int(shard.row_offsets[j])
-    f = tmp_path / "run" / "cache" / shard.name / store.teacher_file("ta")
+    f = tmp_path / "run" / "cache" / shard.name / teacher_file("ta")
     rows = np.load(f)
     rows[row, 8:10] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # fp16 codec: 4 uint16 ids, then logprobs
     np.save(f, rows)

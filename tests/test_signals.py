@@ -78,3 +78,13 @@ def test_online_flag_must_match_the_cache(tiny_world, tmp_path):
     assert all(t.online for t in online.teachers)
     with pytest.raises(DistillError, match=r"teachers\[0\]\.online: cache has None, recipe has True"):
         run_train(online)
+
+
+def test_all_online_teachers_train_with_loader_workers_on_cpu(tiny_world, tmp_path):
+    """With every teacher online the cache holds no records; a loader worker (which decodes
+    records on CPU) must not try to decode the empty stack (vk codecs cannot reshape 0 rows)."""
+    recipe = _recipe(tiny_world, tmp_path, "online", ["train.online_teachers=true", "train.num_workers=1",
+                                                       "train.max_steps=2"])
+    run_capture(recipe)
+    assert CacheReader(recipe.cache.dir).cached_names == []
+    assert run_train(recipe).steps == 2

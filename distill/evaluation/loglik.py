@@ -21,7 +21,7 @@ rolled back exactly (decided up front from its layers, `shared_cache`), every
 choice runs as one full prompt+choice sequence instead.
 
 The scored log-probs are always a log_softmax over fp32 logits computed in fp32
-from the final hidden states (`fp32_logits`), whatever the model's dtype.
+from the final hidden states (`distill.logits.model_logits(..., fp32=True)`), whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -34,15 +34,12 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from distill.errors import DistillError
 from distill.evaluation.batching import (encode_prompts, left_pad, length_sorted_batches, model_device,
                                          pad_id, padding_budget, positions, right_pad)
-from distill.logits import LogitTransform, decoder, logit_transform
+from distill.logits import decoder, logit_transform, model_logits
 
 PROTOCOLS = ("competition", "standard")
 # What separates a `standard` choice from its prompt: lm-evaluation-harness's default
 # `target_delimiter`, the space before a word in running text ("Answer: Yes").
 DELIMITER = " "
-# Vocabulary rows of a bf16 head upcast at a time in fp32_logits (~30 MB at H=4096), so the
-# head is never copied whole in fp32 (152k x 3584 x 4 B = 2.2 GB for a Qwen2-7B).
-HEAD_CHUNK = 2048
 
 
 def counted(n_tokens: int, protocol: str) -> range:
@@ -110,28 +107,6 @@ def encode_choices(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence
     return encode_prompts(tokenizer, contexts, add_bos, max_prompt_tokens), [[next(flat) for _ in cs] for cs in choices]
 
 
-def fp32_logits(model, hidden: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
-    """The model's logits [..., V] in fp32 for final hidden states hidden [..., H].
-
-    A bf16 logit near 16 is rounded to a multiple of 0.125, coarser than the gap between
-    two BoolQ choices' scores, and the rounding depends on the batch's shape. So the head
-    runs in fp32 (bf16 weights and states upcast exactly, fp32 accumulation and output),
-    a chunk of vocabulary rows at a time, then the family's transform (distill.logits).
-    A head that is not a plain Linear (quantized, adapted) runs its own forward.
-    """
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
-        z = head(hidden).float()
-    elif head.weight.dtype == torch.float32:
-        z = head(hidden.float())
-    else:
-        h = hidden.float()
-        z = torch.cat([torch.nn.functional.linear(h, w.float()) for w in head.weight.split(HEAD_CHUNK)], dim=-1)
-        if head.bias is not None:
-            z += head.bias.float()
-    return transform.apply_(z)
-
-
 def shared_cache(model) -> DynamicCache | None:
     """A fresh cache that the choice passes can share and crop back exactly, or None.
 
@@ -174,7 +149,7 @@ def _choice_logprobs_cached(model, prompts, choices, pad, cache: DynamicCache) -
         out = body(input_ids=ids, cache=cache, use_cache=True)
         last_hidden = out.last_hidden_state[torch.arange(len(prompts), device=device), mask.sum(-1) - 1]
     lengths = mask.sum(-1, keepdim=True)
-    first = fp32_logits(model, last_hidden, transform)  # [B, V]: each prompt's last token predicts choice token 0
+    first = model_logits(model, last_hidden, transform, fp32=True)  # [B, V]: each prompt's last token predicts choice token 0
     result: list[list[torch.Tensor]] = [[] for _ in prompts]
     for slot in range(max(len(cs) for cs in choices)):
         # Prompts with fewer choices get an empty, fully masked row in this slot.
@@ -184,7 +159,7 @@ def _choice_logprobs_cached(model, prompts, choices, pad, cache: DynamicCache) -
                       position_ids=lengths + torch.arange(cids.shape[1], device=device), cache=cache,
                       use_cache=True).last_hidden_state
         cache.crop(-cids.shape[1])  # drop this slot's keys/values: the next choice sees the prompt only
-        logits = torch.cat([first[:, None], fp32_logits(model, hidden[:, :-1], transform)], dim=1)
+        logits = torch.cat([first[:, None], model_logits(model, hidden[:, :-1], transform, fp32=True)], dim=1)
         lp = _token_logprobs(logits, cids)
         for b, cs in enumerate(choices):
             if slot < len(cs):
@@ -203,7 +178,7 @@ def _choice_logprobs_concat(model, prompts, choices, pad) -> list[list[torch.Ten
     hidden = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                             use_cache=False).last_hidden_state
     # Positions -(width+1)..-2 predict the last `width` tokens, where the choices are right-aligned.
-    lp = _token_logprobs(fp32_logits(model, hidden[:, -(width + 1):-1], logit_transform(model)), ids[:, -width:])
+    lp = _token_logprobs(model_logits(model, hidden[:, -(width + 1):-1], fp32=True), ids[:, -width:])
     result: list[list[torch.Tensor]] = [[] for _ in prompts]
     for row, (b, c) in enumerate(zip(owner, flat)):
         result[b].append(lp[row, width - len(c):] if c else lp[row, :0])

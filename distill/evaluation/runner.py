@@ -62,7 +62,7 @@ def load_entry(entry: ModelEntry, device: torch.device):
     if not placed:
         model.to(device)
         if device.type == "cuda" and getattr(model, "dtype", None) == torch.float32:
-            model.to(torch.bfloat16)  # halves memory and time; scored logits are fp32 (loglik.fp32_logits)
+            model.to(torch.bfloat16)  # halves memory and time; scored logits are fp32 (logits.model_logits(fp32=True))
     return model, tokenizer
 
 
