@@ -60,6 +60,9 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
     if args.stage == "validate":
         stages.show(recipe, args.recipe, args.overrides)
         return 0
+    from distill.progress import quiet_library_bars
+
+    quiet_library_bars()  # "Loading weights" bars are hundreds of redraws in a log file
     state = partial_state()
     main = state is None or state.is_main_process
     log = print if main else (lambda *a, **k: None)

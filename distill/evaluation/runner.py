@@ -35,6 +35,7 @@ from distill.evaluation.loglik import PROTOCOLS, score_choices
 from distill.evaluation.meter import Meter
 from distill.evaluation.scorers import SCORERS
 from distill.evaluation.spec import TaskSpec, load_task
+from distill.progress import progress
 
 
 @dataclass
@@ -76,13 +77,15 @@ def run_task(model, tokenizer, spec: TaskSpec, examples: list[Example], protocol
              batch_size: int = 16) -> tuple[dict, list[dict]]:
     """Evaluate one loaded model on one task. Returns (metrics, per-example records)."""
     prompts = [ex.prompt for ex in examples]
+    bar = progress(total=len(examples), desc=f"eval {spec.name}", unit="examples")
     with Meter(model_device(model)) as meter:
         if spec.kind == "multiple_choice":
             scores, n_tokens = score_choices(model, tokenizer, prompts, [ex.choices for ex in examples], protocol,
-                                             batch_size, spec.add_bos, spec.max_prompt_tokens)
+                                             batch_size, spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
         else:
             texts, n_tokens = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.stop, batch_size,
-                                       spec.add_bos, spec.max_prompt_tokens)
+                                       spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
+    bar.close()
     records = []
     for i, ex in enumerate(examples):
         rec: dict[str, Any] = {"index": ex.index, "prompt": ex.prompt, "target": ex.target}
