@@ -4,7 +4,7 @@
     distill cache    RECIPE [overrides]             capture teacher distributions (resumable)
     distill cache verify CACHE_DIR_OR_RUN_DIR       check every shard's sha256
     distill train    RECIPE [overrides] [--resume]  distil into the student (also under accelerate launch)
-    distill eval     RECIPE [overrides] [--harness TASK,...]
+    distill eval     RECIPE [overrides] [--harness TASK,...] [--no-eval-cache]
     distill publish  RECIPE [overrides] [--dry-run] push the student + model card to the Hub
     distill run      RECIPE [overrides]             every stage in turn (synthetic models first if the recipe has them)
 
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         if name == "eval":
             sp.add_argument("--harness", default=None, help="comma-separated lm-eval task names to run too")
+        if name in ("eval", "run"):
+            sp.add_argument("--no-eval-cache", action="store_true",
+                            help="score every model again (same as eval.cache=false)")
         if name in ("publish", "run"):
             sp.add_argument("--dry-run", action="store_true", help="write the model card, push nothing")
     return p
@@ -51,10 +54,15 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
             raise DistillError("usage: distill cache verify CACHE_DIR_OR_RUN_DIR")
         stages.verify_cache(args.overrides[0])
         return 0
+    if getattr(args, "no_eval_cache", False):
+        args.overrides.append("eval.cache=false")  # one switch, recorded in the resolved recipe
     recipe = stages.load(args.recipe, args.overrides)
     if args.stage == "validate":
         stages.show(recipe, args.recipe, args.overrides)
         return 0
+    from distill.progress import quiet_library_bars
+
+    quiet_library_bars()  # "Loading weights" bars are hundreds of redraws in a log file
     state = partial_state()
     main = state is None or state.is_main_process
     log = print if main else (lambda *a, **k: None)

@@ -201,6 +201,8 @@ class EvalConfig:
     teachers: bool = True  # also evaluate each teacher
     models: list[EvalModelConfig] = field(default_factory=list)  # extra models / merge baselines
     skills: dict[str, str] = field(default_factory=dict)  # teacher name -> task of its own skill (retention)
+    cache: bool = True  # reuse results of unchanged (model, task, settings); --no-eval-cache turns it off
+    cache_dir: Optional[str] = None  # default: $DISTILL_EVAL_CACHE, $DISTILL_HOME/eval-cache, ~/.cache/distill/eval-cache
 
 
 @dataclass

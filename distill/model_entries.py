@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.config import Recipe
+from distill.content_hash import model_fingerprint
 from distill.errors import DistillError
 from distill.evaluation import ModelEntry
 from distill.models import load_model, load_tokenizer
@@ -18,7 +19,10 @@ def _entry(name: str, recipe: Recipe, model: str, adapter: str | None = None, gg
         tok = load_tokenizer(model, revision=revision, gguf_file=gguf_file,
                              trust_remote_code=recipe.trust_remote_code, what=f"eval model {name}")
         return m.eval(), tok
-    return ModelEntry(name=name, load=load)
+
+    def fingerprint(hashes):
+        return model_fingerprint(model, revision=revision, adapter=adapter, gguf_file=gguf_file, hashes=hashes)
+    return ModelEntry(name=name, load=load, fingerprint=fingerprint)
 
 
 def eval_entries(recipe: Recipe, log=print) -> list[ModelEntry]:

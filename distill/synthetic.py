@@ -121,9 +121,9 @@ def train_sft(model, tok, skills: list[str], steps: int, cfg: SyntheticConfig, s
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     model.train()
-    from tqdm import tqdm
+    from distill.progress import track
 
-    for _ in tqdm(range(steps), desc=f"sft {'+'.join(skills)}", unit="step", leave=False):
+    for _ in track(range(steps), desc=f"sft {'+'.join(skills)}", unit="steps", leave=False):
         rows = [{"prompt": p, "response": r} for p, r in
                 (SKILLS[rng.choice(skills)](rng, cfg) for _ in range(cfg.batch_size))]
         ids, attn, labels = _batch(tok, rows)

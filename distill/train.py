@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from distill import batches as B
 from distill import checkpoint as ckpt
@@ -41,6 +40,7 @@ from distill.config import Recipe, recipe_dict
 from distill.errors import DistillError
 from distill.models import (check_param_limit, config_vocab_size, load_model, load_tokenizer, resolve_dtype,
                             save_pretrained, tokenizer_fingerprint)
+from distill.progress import progress
 from distill.signals import CachedTeachers, Teachers, load_live_teachers
 from distill.step import NonFiniteStep, StudentWithLoss, TrainStep
 
@@ -397,7 +397,7 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
     """Optimizer steps until the plan or the budget ends: (step, micro, tokens seen, stopped_by, last loss)."""
     t, acc = recipe.train, s.acc
     step, micro, tokens_seen = pos
-    bar = tqdm(total=s.planned, initial=step, desc="train", unit="step", disable=not acc.is_main_process)
+    bar = progress(total=s.planned, initial=step, desc="train", unit="steps", disable=not acc.is_main_process)
     stopped_by, last_loss = "done", None
     window = _new_window()
     while step < s.planned:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import yaml
 
 # At most 2 threads, and OMP_NUM_THREADS wins when set: on a busy 2-core machine two threads
 # per process wait on each other (a tiny matmul goes from ~0.1 ms to ~5 ms).
+# A test session neither reads nor fills the user's evaluation cache (subprocesses inherit this).
+os.environ["DISTILL_EVAL_CACHE"] = tempfile.mkdtemp(prefix="distill-eval-cache-")
+
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from distill.cache import manifest as mf
 from distill.cache.codec import sparse_from_logits
@@ -40,6 +39,7 @@ from distill.cache.teachers import Active, GroupLoader, groups
 from distill.config import Recipe
 from distill.data import Sample, load_samples
 from distill.errors import CacheError, DistillError
+from distill.progress import progress
 from distill.files import write_npy_atomic
 from distill.logits import decoder, logit_transform, model_logits
 from distill.models import config_vocab_size, load_tokenizer, tokenizer_fingerprint
@@ -279,7 +279,7 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
                for t in cached}
     report.shards_skipped = sum(1 for s in mine if mf.is_shard_complete(manifest, s))
     total = sum(len(v) for v in pending.values())
-    bar = tqdm(total=total, desc="cache", unit="shard·teacher", disable=not main or total == 0)
+    bar = progress(total=total, desc="cache", unit="shard·teacher", disable=not main or total == 0)
     for group in sorted(groups(cached), key=lambda g: not loader.holds(g)):  # a loaded group first
         if not any(pending[t.name] for t in group):
             continue

@@ -38,6 +38,7 @@ from distill.config import Recipe
 from distill.data import Generated, Prompt
 from distill.errors import CacheError
 from distill.files import sha256_file, write_json_atomic, write_text_atomic
+from distill.progress import progress
 from distill.schema import to_dict
 
 FORMAT = "distill-generated"
@@ -215,6 +216,8 @@ def run_generation(recipe: Recipe, prompts: list[Prompt], tok, tok_fp: str, load
     mine = [c for j, c in enumerate(plan) if j % world == rank and not (gdir / c[0]).exists()]
     by_name = {t.name: t for t in recipe.teachers}
     t0 = time.perf_counter()
+    total = sum(len(c[2]) for c in mine)
+    bar = progress(total=total, desc="generate", unit="responses", disable=rank != 0 or total == 0)
     for group in groups(recipe.teachers):
         todo = [c for c in mine if c[1] in {t.name for t in group}]
         if not todo:
@@ -227,7 +230,9 @@ def run_generation(recipe: Recipe, prompts: list[Prompt], tok, tok_fp: str, load
                 responses = generate_prompts(m, chunk, recipe.cache.batch_size, tok.pad_token_id, stop)
             write_chunk(gdir / fname, chunk, responses)
             report.generated += len(chunk)
+            bar.update(len(chunk))
         del model  # the loader keeps it (for the capture) until another group is asked for
+    bar.close()
     report.generate_s += time.perf_counter() - t0
     barrier()
     out: list[Generated | None] = [None] * len(prompts)

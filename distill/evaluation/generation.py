@@ -10,7 +10,7 @@ string (the scorer strips it).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -47,10 +47,12 @@ def cut(tokenizer, new_ids: Sequence[int], eos: Optional[int], stops: Sequence[s
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),
              batch_size: int = 16, add_bos: str = "auto", max_prompt_tokens=None,
-             max_padding: float | None = None) -> tuple[list[str], int]:
+             max_padding: float | None = None,
+             on_batch: Callable[[int], None] | None = None) -> tuple[list[str], int]:
     """Greedy continuations of `prompts`. Returns (texts, tokens processed).
 
     max_padding: see batching.length_sorted_batches; default by device (padding_budget).
+    on_batch: called with a batch's number of prompts once it is generated (a progress bar).
     """
     pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     prompt_ids = encode_prompts(tokenizer, prompts, add_bos, max_prompt_tokens)
@@ -72,4 +74,6 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop
             texts[i] = cut(tokenizer, new[row], eos, stop)
             n_new = new[row].index(eos) + 1 if eos is not None and eos in new[row] else len(new[row])
             n_tokens += len(prompt_ids[i]) + n_new
+        if on_batch is not None:
+            on_batch(len(batch))
     return texts, n_tokens

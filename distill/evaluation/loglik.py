@@ -26,7 +26,7 @@ from the final hidden states (`distill.logits.model_logits(..., fp32=True)`), wh
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -189,12 +189,14 @@ def _choice_logprobs_concat(model, prompts, choices, pad) -> list[list[torch.Ten
 def score_choices(model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]],
                   protocol: str = "competition", batch_size: int = 16, add_bos: str = "auto",
                   max_prompt_tokens=None, reuse_cache: bool = True,
-                  max_padding: float | None = None) -> tuple[list[list[float]], int]:
+                  max_padding: float | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[list[list[float]], int]:
     """Score every choice of every prompt. Returns (scores per prompt, tokens processed).
 
     reuse_cache: share each prompt's KV cache across its choices where the model's cache
     allows it (shared_cache); False always scores full prompt+choice sequences.
     max_padding: see batching.length_sorted_batches; default by device (padding_budget).
+    on_batch: called with a batch's number of prompts once it is scored (a progress bar).
     """
     if protocol not in PROTOCOLS:
         raise DistillError(f"eval.protocol: unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})")
@@ -216,4 +218,6 @@ def score_choices(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
         for i, per_choice, cs in zip(batch, lp, batch_choices):
             results[i] = [float(t[list(counted(len(c), protocol))].sum()) for t, c in zip(per_choice, cs)]
         n_tokens += sum(len(p) for p in batch_prompts) + sum(len(c) for cs in batch_choices for c in cs)
+        if on_batch is not None:
+            on_batch(len(batch))
     return results, n_tokens

@@ -6,11 +6,13 @@
 Writes, under out_dir:
     <model>/<task>.predictions.jsonl   one line per example
     scores.json                        {model: {task: {accuracy, n, wall_s, examples_per_s, tokens_per_s,
-                                                    peak_mem_mb, version[, protocol]}}}
+                                                    peak_mem_mb, version[, protocol][, cached]}}}
     scores.md                          models as rows, tasks as columns, then the speed figures
 
 Every task file and data file is read and checked before the first model is
 loaded; models are loaded one at a time, lazily, and freed after their tasks.
+Results are cached by what made them (distill/evaluation/cache.py): a model whose
+every task is cached is not loaded at all, and its scores are marked `cached: true`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import torch
 
 from distill.errors import DistillError
 from distill.evaluation.batching import model_device
+from distill.evaluation.cache import EvalCache, default_cache_dir, task_fingerprint
 from distill.evaluation.examples import Example, build_examples
 from distill.evaluation.generation import generate
 from distill.evaluation.loglik import PROTOCOLS, score_choices
 from distill.evaluation.meter import Meter
 from distill.evaluation.scorers import SCORERS
 from distill.evaluation.spec import TaskSpec, load_task
+from distill.progress import progress
 
 
 @dataclass
@@ -40,6 +44,9 @@ class ModelEntry:
 
     name: str
     load: Callable[[], tuple[Any, Any]]  # () -> (PreTrainedModel, PreTrainedTokenizerBase)
+    # (HashCache) -> content hash of the model's files, taken without loading it; None (or a
+    # None result): the model cannot be told apart from another (e.g. built in memory), never cached
+    fingerprint: Optional[Callable[[Any], Optional[str]]] = None
 
 
 def resolve_device(device=None) -> torch.device:
@@ -70,13 +77,15 @@ def run_task(model, tokenizer, spec: TaskSpec, examples: list[Example], protocol
              batch_size: int = 16) -> tuple[dict, list[dict]]:
     """Evaluate one loaded model on one task. Returns (metrics, per-example records)."""
     prompts = [ex.prompt for ex in examples]
+    bar = progress(total=len(examples), desc=f"eval {spec.name}", unit="examples")
     with Meter(model_device(model)) as meter:
         if spec.kind == "multiple_choice":
             scores, n_tokens = score_choices(model, tokenizer, prompts, [ex.choices for ex in examples], protocol,
-                                             batch_size, spec.add_bos, spec.max_prompt_tokens)
+                                             batch_size, spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
         else:
             texts, n_tokens = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.stop, batch_size,
-                                       spec.add_bos, spec.max_prompt_tokens)
+                                       spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
+    bar.close()
     records = []
     for i, ex in enumerate(examples):
         rec: dict[str, Any] = {"index": ex.index, "prompt": ex.prompt, "target": ex.target}
@@ -142,7 +151,7 @@ def evaluate_models(models: list[ModelEntry], tasks: list[str], cfg, out_dir, de
                     log: Callable[[str], None] = print) -> dict:
     """Evaluate each model on each task; write predictions, scores.json and scores.md.
 
-    cfg: an EvalConfig (uses limit, batch_size, protocol). Scores are rewritten
+    cfg: an EvalConfig (uses limit, batch_size, protocol, cache, cache_dir). Scores are rewritten
     after every task, so an interrupted run keeps what it finished.
     """
     out_dir = Path(out_dir)
@@ -163,19 +172,53 @@ def evaluate_models(models: list[ModelEntry], tasks: list[str], cfg, out_dir, de
             raise DistillError(f"eval: model name {m.name!r} is not unique (output folder {folder!r})")
     examples = {s.name: build_examples(s, cfg.limit) for s in specs}  # fail on bad data before loading models
     device = resolve_device(device)
+    cache = _open_cache(cfg, log)
+    task_fps = {s.name: task_fingerprint(s, examples[s.name]) for s in specs} if cache else {}
     scores: dict[str, dict] = {}
     for entry in models:
-        model, tokenizer = load_entry(entry, device)
+        keys, hits = _lookup(cache, entry, specs, task_fps, cfg, device)
+        model = tokenizer = None
+        if len(hits) < len(specs):  # decided before loading: a fully cached model is never loaded
+            model, tokenizer = load_entry(entry, device)
         scores[entry.name] = {}
         for spec in specs:
-            metrics, records = run_task(model, tokenizer, spec, examples[spec.name], cfg.protocol, cfg.batch_size)
+            if spec.name in hits:
+                metrics, records = hits[spec.name]
+                metrics = {**metrics, "cached": True}
+            else:
+                metrics, records = run_task(model, tokenizer, spec, examples[spec.name], cfg.protocol, cfg.batch_size)
+                if spec.name in keys:
+                    cache.put(keys[spec.name], metrics, records)
             write_predictions(out_dir / _safe(entry.name) / f"{spec.name}.predictions.jsonl", records)
             scores[entry.name][spec.name] = metrics
             _write_scores(out_dir, scores, cfg.protocol, cfg.limit)
             log(f"eval {entry.name} {spec.name}: accuracy {metrics['accuracy']:.4f} on {metrics['n']} examples, "
-                f"{metrics['wall_s']:.1f} s, {metrics['examples_per_s']} ex/s, peak {metrics['peak_mem_mb']:.0f} MB")
+                + ("cached (an earlier run scored the same model, task and settings)" if spec.name in hits else
+                   f"{metrics['wall_s']:.1f} s, {metrics['examples_per_s']} ex/s, peak {metrics['peak_mem_mb']:.0f} MB"))
         del model, tokenizer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return scores
+
+
+def _open_cache(cfg, log) -> Optional[EvalCache]:
+    if not getattr(cfg, "cache", True):
+        return None
+    root = getattr(cfg, "cache_dir", None)
+    return EvalCache(Path(root).expanduser() if root else default_cache_dir(), log)
+
+
+def _lookup(cache: Optional[EvalCache], entry: ModelEntry, specs: list[TaskSpec], task_fps: dict, cfg,
+            device: torch.device) -> tuple[dict[str, dict], dict[str, tuple]]:
+    """({task: cache key fields}, {task: cached (metrics, records)}) for one model; empty when uncached."""
+    if cache is None or entry.fingerprint is None:
+        return {}, {}
+    model_fp = entry.fingerprint(cache.hashes)
+    cache.hashes.save()
+    if model_fp is None:
+        return {}, {}
+    keys = {s.name: cache.key_fields(model_fp, task_fps[s.name], s, cfg.protocol, cfg.limit, cfg.batch_size,
+                                     device.type) for s in specs}
+    hits = {name: hit for name, fields in keys.items() if (hit := cache.get(fields)) is not None}
+    return keys, hits
