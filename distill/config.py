@@ -413,6 +413,14 @@ def validate(r: Recipe) -> None:
     if r.student.init is not None:
         _require(bool(r.student.init.merge), "student.init.merge", "must name at least one teacher")
         _validate_merge(r, r.student.init, "student.init")
+        if r.student.lora is not None:  # the student's adapter starts as the merged adapter
+            for j, tname in enumerate(r.student.init.merge):
+                t = next((t for t in r.teachers if t.name == tname), None)
+                _require(t is not None and bool(t.adapter) and t.model == r.student.model, f"student.init.merge[{j}]",
+                         f"a LoRA student starts from merged adapters: {tname!r} must be a LoRA adapter over "
+                         f"student.model ({r.student.model})")
+            _require(r.student.init.base == r.student.model, "student.init.base",
+                     "a LoRA student's merge is over its own base, student.model")
 
     d = r.data
     _require(len(d.sources) > 0, "data.sources", "at least one data source is required")

@@ -113,3 +113,49 @@ def merge_experts(recipe: Recipe, m: MergeConfig, out: Path, log=print) -> Path:
     record.write_text(json.dumps(stamp, indent=1) + "\n")  # last: a folder without it is rebuilt
     log(f"merge: {m.method} of {', '.join(m.merge)} -> {out}")
     return out
+
+
+# peft's combination type for an adapter of a given rank: the merge of the deltas, SVD-truncated.
+_SVD_TYPES = {"linear": "svd", "ties": "ties_svd", "dare_linear": "dare_linear_svd", "dare_ties": "dare_ties_svd"}
+
+
+def init_from_merge(recipe: Recipe, model) -> None:
+    """Start the student where `student.init`'s merge ends (in place, before training).
+
+    Full student: its weights become the merged weights (`merged_model`). LoRA student (a PeftModel
+    with its trainable adapter "default", rank r, scaling s = alpha / r): the experts' adapters are
+    loaded beside it, `add_weighted_adapter` merges their deltas and keeps the best rank-r fit (SVD;
+    exact for linear when r >= the sum of the experts' ranks), and "default" takes it as A / sqrt(s),
+    B / sqrt(s), so s * B @ A is that fit. The expert and merged adapters are then deleted."""
+    m = recipe.student.init
+    if not hasattr(model, "peft_config"):
+        merged = _floats(merged_model(recipe, m, "student.init"))
+        target = _floats(model)
+        if merged.keys() != target.keys() or any(merged[k].shape != target[k].shape for k in target):
+            raise DistillError(f"student.init: the merge of {m.merge} has other parameters than student.model")
+        with torch.no_grad():
+            for k, t in target.items():
+                t.copy_(merged[k])
+        return
+    teachers = {t.name: t for t in recipe.teachers}
+    names = [f"init_{n}" for n in m.merge]
+    for name, adapter in zip(m.merge, names):
+        model.load_adapter(teachers[name].adapter, adapter_name=adapter)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.seed)
+        model.add_weighted_adapter(names, m.weights, "init_merged", combination_type=_SVD_TYPES[m.method],
+                                   svd_rank=recipe.student.lora.r, density=m.density,
+                                   majority_sign_method=m.majority_sign_method or "total")
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if "init_merged" not in getattr(module, "lora_A", {}):
+                continue
+            if "default" not in module.lora_A:
+                raise DistillError(f"student.init: the experts adapt {module_name}, which student.lora.target_modules "
+                                   f"({recipe.student.lora.target_modules}) leaves out; add it there")
+            root = module.scaling["default"] ** 0.5
+            module.lora_A["default"].weight.copy_(module.lora_A["init_merged"].weight / root)
+            module.lora_B["default"].weight.copy_(module.lora_B["init_merged"].weight / root)
+    for adapter in (*names, "init_merged"):
+        model.delete_adapter(adapter)
+    model.set_adapter("default")
