@@ -11,6 +11,7 @@ folder holding the recipe); they are substituted after overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,34 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+MergeMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
+
+
+@dataclass
+class MergeConfig:
+    """A weight merge of teachers (distill/merge.py, through peft.utils.merge_utils): an eval baseline
+    (`eval.models[]`) or the student's starting point (`student.init`).
+
+    Each expert's task vector is its weights minus `base` (a LoRA expert's is its delta); the merge
+    is base + method(task vectors). linear: sum of weight * vector. ties: keep each vector's top
+    `density` fraction by magnitude, elect a sign per weight (majority_sign_method), average the
+    weighted entries that agree with it. dare_linear / dare_ties: drop entries at random (keep with
+    probability `density`, rescale by 1/density; seeded by `seed`, so repeatable), then sum / ties.
+    """
+
+    merge: list[str] = field(default_factory=list)  # teacher names
+    method: MergeMethod = "linear"
+    # One per teacher in `merge`; null = 1/n each for linear and dare_linear (the uniform average),
+    # 1.0 each for ties and dare_ties (their disjoint mean already averages). Resolved on load.
+    weights: Optional[list[float]] = None
+    density: Optional[float] = None  # fraction of each task vector kept, in (0, 1]; ties and dare_* only
+    majority_sign_method: Optional[Literal["total", "frequency"]] = None  # ties, dare_ties; null = total
+    # Model the task vectors are taken from (path or Hub id). null = the LoRA experts' shared base;
+    # full fine-tunes need one, except for a linear merge whose weights sum to 1 (base-free then).
+    base: Optional[str] = None
+    seed: int = 0  # dare_*: seeds the random drop mask
+
+
 @dataclass
 class StudentConfig:
     model: str  # local path or Hub id; often the shared base of the experts
@@ -68,6 +97,10 @@ class StudentConfig:
     lora: Optional[LoraConfig] = None  # train LoRA adapters instead of all weights
     max_params: float = 8.0e9  # refuse students above this many parameters (the competition's rule)
     gradient_checkpointing: bool = False
+    # Start from a merge of teachers (merge, then distill), e.g. {merge: [math, qa], method: ties,
+    # density: 0.5}. Full student: its weights are the merged weights. LoRA student: its adapter starts
+    # as the merged adapter (experts: LoRA adapters over student.model), best rank-`lora.r` fit by SVD.
+    init: Optional[MergeConfig] = None
 
 
 @dataclass
@@ -182,13 +215,15 @@ class TrainConfig:
     online_teachers: bool = False
 
 
-@dataclass
-class EvalModelConfig:
+@dataclass(kw_only=True)
+class EvalModelConfig(MergeConfig):
+    """A model to score: `model` (path or Hub id, optional adapter / gguf_file), or a merge baseline
+    (`merge` and the MergeConfig keys), written to <run_dir>/baselines/<name>/."""
+
     name: str
     model: Optional[str] = None  # path or Hub id
     adapter: Optional[str] = None
     gguf_file: Optional[str] = None
-    merge: list[str] = field(default_factory=list)  # uniform weight average of these teachers
 
 
 @dataclass
@@ -377,6 +412,17 @@ def validate(r: Recipe) -> None:
         _require(r.student.lora.alpha > 0, "student.lora.alpha", "must be > 0")
         _require(0 <= r.student.lora.dropout < 1, "student.lora.dropout", "must be in [0, 1)")
         _require(bool(r.student.lora.target_modules), "student.lora.target_modules", "must not be empty")
+    if r.student.init is not None:
+        _require(bool(r.student.init.merge), "student.init.merge", "must name at least one teacher")
+        _validate_merge(r, r.student.init, "student.init")
+        if r.student.lora is not None:  # the student's adapter starts as the merged adapter
+            for j, tname in enumerate(r.student.init.merge):
+                t = next((t for t in r.teachers if t.name == tname), None)
+                _require(t is not None and bool(t.adapter) and t.model == r.student.model, f"student.init.merge[{j}]",
+                         f"a LoRA student starts from merged adapters: {tname!r} must be a LoRA adapter over "
+                         f"student.model ({r.student.model})")
+            _require(r.student.init.base == r.student.model, "student.init.base",
+                     "a LoRA student's merge is over its own base, student.model")
 
     d = r.data
     _require(len(d.sources) > 0, "data.sources", "at least one data source is required")
@@ -461,8 +507,8 @@ def validate(r: Recipe) -> None:
         eval_names.add(m.name)
         _require((m.model is None) != (not m.merge), f"{key}",
                  "set exactly one of model (a path or Hub id) or merge (a list of teacher names)")
-        for j, tname in enumerate(m.merge):
-            _require(tname in names, f"{key}.merge[{j}]", f"unknown teacher {tname!r}")
+        if m.merge:
+            _validate_merge(r, m, key)
     for tname, task in e.skills.items():
         _require(tname in names, f"eval.skills.{tname}", "not a teacher name")
         _require(task in {Path(x).stem for x in e.tasks} | set(e.tasks), f"eval.skills.{tname}",
@@ -477,6 +523,41 @@ def validate(r: Recipe) -> None:
             _require(getattr(s, k) > 0, f"synthetic.{k}", f"must be > 0, got {getattr(s, k)}")
         _require(s.hidden_size % s.heads == 0, "synthetic.heads", "must divide synthetic.hidden_size")
         _require(s.lr > 0, "synthetic.lr", "must be > 0")
+
+
+def _validate_merge(r: Recipe, m: MergeConfig, key: str) -> None:
+    """Check a merge and resolve its defaults (weights, majority_sign_method), so the saved recipe shows them."""
+    teachers = {t.name: t for t in r.teachers}
+    for j, tname in enumerate(m.merge):
+        _require(tname in teachers, f"{key}.merge[{j}]", f"unknown teacher {tname!r}")
+        _require(tname not in m.merge[:j], f"{key}.merge[{j}]", f"teacher {tname!r} is listed twice")
+    n, sparse, signed = len(m.merge), m.method != "linear", m.method in ("ties", "dare_ties")
+    if m.weights is None:
+        m.weights = [1.0] * n if signed else [1.0 / n] * n
+    _require(len(m.weights) == n, f"{key}.weights", f"needs one weight per merged teacher ({n}), got {len(m.weights)}")
+    _require(all(math.isfinite(w) for w in m.weights), f"{key}.weights", f"must be finite, got {m.weights}")
+    if sparse:
+        _require(m.density is not None, f"{key}.density", f"required with method {m.method} (in (0, 1])")
+        _require(0 < m.density <= 1, f"{key}.density", f"must be in (0, 1], got {m.density}")
+    else:
+        _require(m.density is None, f"{key}.density", "only applies to methods ties, dare_linear, dare_ties")
+    if signed:
+        m.majority_sign_method = m.majority_sign_method or "total"
+    else:
+        _require(m.majority_sign_method is None, f"{key}.majority_sign_method", "only applies to ties and dare_ties")
+    experts = [teachers[x] for x in m.merge]
+    if m.base is None:
+        lora_bases = {(t.model, t.revision, t.gguf_file) for t in experts if t.adapter}
+        full = [t.name for t in experts if not t.adapter]
+        base_free = m.method == "linear" and abs(sum(m.weights) - 1) < 1e-6
+        _require(len(lora_bases) <= 1 or base_free, f"{key}.base",
+                 "the LoRA experts have different bases; name the base their task vectors are taken from")
+        _require(not full or base_free, f"{key}.base",
+                 f"required: {', '.join(full)} {'is a full fine-tune' if len(full) == 1 else 'are full fine-tunes'}, "
+                 f"and a {m.method} merge takes task vectors (expert - base)")
+        if len(lora_bases) == 1:  # the deltas' own base: then non-adapted weights stay exactly the base's
+            m.base = next(iter(lora_bases))[0]
+    _require(m.base is None or bool(m.base.strip()), f"{key}.base", "must not be empty")
 
 
 def generating_teacher(gen: GenerateConfig, domain: Optional[str], teachers: list[TeacherConfig]) -> Optional[str]:
@@ -539,6 +620,9 @@ def check_paths(r: Recipe) -> None:
     for i, m in enumerate(r.eval.models):
         check(m.model, f"eval.models[{i}].model")
         check(m.adapter, f"eval.models[{i}].adapter")
+        check(m.base, f"eval.models[{i}].base")
+    if r.student.init is not None:
+        check(r.student.init.base, "student.init.base")
 
 
 def recipe_dict(recipe: Recipe) -> dict:

@@ -27,13 +27,13 @@ def _entry(name: str, recipe: Recipe, model: str, adapter: str | None = None, gg
 
 def eval_entries(recipe: Recipe, log=print) -> list[ModelEntry]:
     """Student, teachers, extra models and merge baselines, in the recipe's order."""
-    from distill.merge import uniform_average
+    from distill.merge import merge_experts
 
     run = Path(recipe.run_dir)
     entries = []
     for m in recipe.eval.models:
         if m.merge:
-            path = uniform_average(recipe, m.merge, run / "baselines" / m.name, log)
+            path = merge_experts(recipe, m, run / "baselines" / m.name, log)
             entries.append(_entry(m.name, recipe, str(path)))
         else:
             entries.append(_entry(m.name, recipe, m.model, m.adapter, m.gguf_file))

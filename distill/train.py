@@ -157,6 +157,10 @@ def build_student(recipe: Recipe, device, ds_dtype: torch.dtype | None = None):
             # The chunked loss multiplies by the head's weight itself, so an adapter there would be ignored.
             raise DistillError(f"student.lora.target_modules: {s.lora.target_modules} puts an adapter on the "
                                "output head; leave the head out (the chunked loss reads the head weight directly)")
+    if s.init is not None:  # merge, then distill: start from the merge of the experts
+        from distill.merge import init_from_merge
+
+        init_from_merge(recipe, model)
     if train_dtype is not None:
         for p in model.parameters():
             if p.requires_grad and p.dtype != train_dtype:

@@ -97,6 +97,28 @@ BAD = [
     (lambda d: d["student"].update(lora={"r": 0}), "student.lora.r"),
     (lambda d: d.update(eval={"models": [{"name": "avg", "merge": ["a", "zzz"]}]}), "eval.models[0].merge[1]"),
     (lambda d: d.update(eval={"models": [{"name": "avg"}]}), "eval.models[0]"),
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "method": "ties"}]}),
+     "eval.models[0].density"),  # ties needs a density
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "density": 0.5}]}),
+     "eval.models[0].density"),  # linear has none
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "method": "dare_ties", "density": 0}]}),
+     "eval.models[0].density"),
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "method": "ties", "density": 0.5}]}),
+     "eval.models[0].base"),  # full fine-tunes: task vectors need a base
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "weights": [1, 1]}]}),
+     "eval.models[0].base"),  # a linear merge is base-free only when its weights sum to 1
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "weights": [1]}]}),
+     "eval.models[0].weights"),
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "a"]}]}), "eval.models[0].merge[1]"),
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "majority_sign_method": "total"}]}),
+     "eval.models[0].majority_sign_method"),
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "method": "slerp"}]}),
+     "eval.models[0].method"),
+    (lambda d: d.update(eval={"models": [{"name": "m", "merge": ["a", "b"], "base": "./nowhere"}]}),
+     "eval.models[0].base"),
+    (lambda d: d["student"].update(init={"merge": []}), "student.init.merge"),
+    (lambda d: d["student"].update(init={"merge": ["a", "zzz"]}), "student.init.merge[1]"),
+    (lambda d: d["student"].update(init={"merge": ["a", "b"], "method": "ties"}), "student.init.density"),
     (lambda d: d.update(publish={"push": True}), "publish.repo_id"),
     (lambda d: d.update(train={"budget_minutes": 1, "eval_reserve_minutes": 2}), "train.eval_reserve_minutes"),
     (lambda d: d.update(train={"num_workers": -1}), "train.num_workers"),

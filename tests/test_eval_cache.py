@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_recipe, write_recipe
 from distill.cli import main
-from distill.config import EvalConfig, load_recipe
+from distill.config import load_recipe
 from distill.evaluation import evaluate_models
 from distill.model_entries import eval_entries
 
