@@ -7,6 +7,7 @@
     distill eval     RECIPE [overrides] [--harness TASK,...] [--no-eval-cache]
     distill publish  RECIPE [overrides] [--dry-run] push the student + model card to the Hub
     distill run      RECIPE [overrides]             every stage in turn (synthetic models first if the recipe has them)
+    distill import-gguf FILE OUT [--dtype D] [--force]  a GGUF causal LM as a safetensors model folder
 
 A user mistake prints one line, `distill: error: ...`, and exits with status 2.
 """
@@ -20,6 +21,7 @@ import time
 
 from distill.distributed import partial_state
 from distill.errors import DistillError
+from distill.gguf import DTYPES
 
 STAGES = ("validate", "cache", "train", "eval", "publish", "run")
 
@@ -43,12 +45,24 @@ def _parser() -> argparse.ArgumentParser:
                             help="score every model again (same as eval.cache=false)")
         if name in ("publish", "run"):
             sp.add_argument("--dry-run", action="store_true", help="write the model card, push nothing")
+    sp = sub.add_parser("import-gguf", help="convert a GGUF causal LM into a safetensors model folder")
+    sp.add_argument("file", help="the .gguf file")
+    sp.add_argument("out", help="the model folder to write (must not exist, or be empty)")
+    sp.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="weights' dtype; auto: the file's own float type, float32 for quantized blocks")
+    sp.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
     return p
 
 
 def dispatch(args: argparse.Namespace, start: float) -> int:
     from distill import stages
 
+    if args.stage == "import-gguf":
+        from distill.gguf import import_gguf
+
+        out = import_gguf(args.file, args.out, dtype=args.dtype, force=args.force)
+        print(f"wrote {out}")
+        return 0
     if args.stage == "cache" and args.recipe == "verify":
         if len(args.overrides) != 1:
             raise DistillError("usage: distill cache verify CACHE_DIR_OR_RUN_DIR")

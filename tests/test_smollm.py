@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import smollm_wheel_present
-from distill import smollm
+from distill import gguf, smollm
 from distill.errors import DistillError
 
 
@@ -29,27 +29,31 @@ def test_default_location_follows_distill_home(monkeypatch, tmp_path):
 
 def test_conversion_is_atomic(monkeypatch, tmp_path):
     """A run killed mid-conversion leaves nothing that looks valid; a half folder is rebuilt."""
-    monkeypatch.setattr(smollm, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(smollm, "smollm2_gguf", lambda: fake)
     calls = []
 
-    def convert(gguf, out, fail=False):
+    def convert(g, out, dtype, fail=False):
         calls.append(out)
         (out / "config.json").write_text("{}")
         if fail:
             raise KeyboardInterrupt  # the process dies half-way
         (out / "model.safetensors").write_text("weights")
+        return dtype
 
     dest = tmp_path / "models" / "SmolLM2"
-    monkeypatch.setattr(smollm, "_convert", lambda g, o: convert(g, o, fail=True))
+    monkeypatch.setattr(gguf, "convert", lambda g, o, d: convert(g, o, d, fail=True))
     with pytest.raises(KeyboardInterrupt):
         smollm.smollm2_path(dest)
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # temp folder removed too
 
     dest.mkdir(parents=True)
     (dest / "config.json").write_text("{}")  # a half folder from an older, killed layout
-    monkeypatch.setattr(smollm, "_convert", convert)
+    monkeypatch.setattr(gguf, "convert", convert)
     assert smollm.smollm2_path(dest) == dest
     assert (dest / "model.safetensors").is_file() and len(calls) == 2
+    assert json.loads((dest / gguf.MARKER).read_text())["dtype"] == "float32"
     assert smollm.smollm2_path(dest) == dest and len(calls) == 2  # complete: not rebuilt
     assert sorted(p.name for p in dest.parent.iterdir()) == ["SmolLM2"]
 
