@@ -22,6 +22,7 @@ import yaml
 
 from distill import plots, stats
 from distill.config import Recipe, recipe_dict
+from distill.evaluation.runner import _safe
 
 PRIMARY = ("accuracy", "exact_match", "acc")
 BASE = "base"
@@ -49,8 +50,10 @@ def _cells(scores: dict) -> dict[str, dict[str, dict]]:
                 continue
             n = metrics.get("n")
             low, high = stats.wilson(round(acc * n), n) if n else (None, None)
+            # scores.json names its predictions file; older ones did not, and used this path.
+            preds = metrics.get("predictions") or f"{_safe(model)}/{task}.predictions.jsonl"
             cells.setdefault(model, {})[metrics.get("task", task)] = {
-                "accuracy": acc, "n": n, "low": low, "high": high, "predictions": metrics.get("predictions")}
+                "accuracy": acc, "n": n, "low": low, "high": high, "predictions": preds}
     return cells
 
 
