@@ -50,7 +50,9 @@ def model_card(recipe: Recipe) -> str:
                      f"in {r['wall_s'] / 60:.1f} min (stopped: {r['stopped_by']}).")
     report = run / "report.md"
     if report.exists():
-        body = report.read_text().split("\n", 1)[1].strip()
+        # The tables only: the plots stay in the run dir (not uploaded), and the recipe follows below.
+        body = report.read_text().split("\n", 1)[1].split("\n## Run")[0]
+        body = "\n".join(ln for ln in body.splitlines() if not ln.startswith("![")).strip()
         parts += ["", "## Evaluation", "", body]
     parts += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe_dict(recipe), sort_keys=False).strip(), "```", ""]
     return "\n".join(parts)

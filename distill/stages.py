@@ -6,12 +6,15 @@
     <run>/checkpoints/step-*/     training checkpoints; <run>/student/ the trained student
     <run>/train_log.jsonl, <run>/train_result.json
     <run>/baselines/<name>/       merge baselines (uniform weight average of teachers)
-    <run>/eval/                   scores.json, scores.md, <model>/<task>.predictions.jsonl
-    <run>/report.md, report.json  the run's summary table
+    <run>/eval/                   scores.json, scores.md, <model>/<task>.predictions.jsonl,
+                                  harness/<model>/ (lm-eval tasks: harness.json, <task>.predictions.jsonl)
+    <run>/timings.json            {stage: {wall_s, finished}}: each stage's wall time, its last run
+    <run>/report.md, report.json  the run's summary table; <run>/plots/*.png its figures
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,30 @@ import yaml
 
 from distill.config import Recipe, load_recipe, recipe_dict
 from distill.errors import DistillError
+
+
+TIMINGS = "timings.json"
+
+
+def record_time(recipe: Recipe, stage: str, started: float) -> None:
+    """Add `stage`'s wall time since `started` to <run>/timings.json (the report's stage times).
+
+    Only the main process writes: under `accelerate launch` every rank runs the stage."""
+    from distill.distributed import partial_state
+    from distill.files import write_json_atomic
+
+    state = partial_state()
+    if state is not None and not state.is_main_process:
+        return
+    path = Path(recipe.run_dir) / TIMINGS
+    try:
+        timings = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        timings = {}  # a hand-edited or foreign file: start again rather than fail a finished stage
+    timings[stage] = {"wall_s": round(time.time() - started, 3),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, timings)
 
 
 def load(path: str, overrides: list[str]) -> Recipe:
@@ -96,8 +123,10 @@ def synthetic(recipe: Recipe, log=print) -> None:
 def cache(recipe: Recipe, state=None, log=print):
     from distill.cache.capture import run_capture
 
+    started = time.time()
     synthetic(recipe, log)
     report = run_capture(recipe, state)
+    record_time(recipe, "cache", started)
     total = report.forward_s + report.encode_s + report.write_s
     log(f"cache: {report.cache_dir}: {report.shards_done} shard-teacher groups written, "
         f"{report.shards_skipped} shards already complete; data: {report.data_summary}; "
@@ -110,26 +139,36 @@ def cache(recipe: Recipe, state=None, log=print):
 def train(recipe: Recipe, resume: bool = False, start: float | None = None, log=print):
     from distill.train import run_train
 
-    return run_train(recipe, resume=resume, start=start, log=log)
+    started = time.time()
+    result = run_train(recipe, resume=resume, start=start, log=log)
+    record_time(recipe, "train", started)
+    return result
 
 
 def evaluate(recipe: Recipe, harness: str | None = None, log=print) -> dict:
-    from distill.evaluation import evaluate_models, run_harness
+    from distill.evaluation import evaluate_models, harness_record, harness_scores
+    from distill.evaluation.runner import write_scores
     from distill.model_entries import eval_entries
+    from distill.report import write_report
 
+    started = time.time()
     if not recipe.eval.tasks and not harness:
         raise DistillError("eval.tasks: no tasks to evaluate (list task names or spec paths)")
     entries = eval_entries(recipe, log)
     out = Path(recipe.run_dir) / "eval"
-    scores = evaluate_models(entries, recipe.eval.tasks, recipe.eval, out) if recipe.eval.tasks else {}
+    scores = evaluate_models(entries, recipe.eval.tasks, recipe.eval, out, log=log) if recipe.eval.tasks else {}
     if harness:
         names = [h.strip() for h in harness.split(",") if h.strip()]
         for e in entries:
-            scores.setdefault(e.name, {})["harness"] = run_harness(e, names, out / "harness",
-                                                                   limit=recipe.eval.limit,
-                                                                   batch_size=recipe.eval.batch_size)
-    from distill.report import write_report
-
+            record = harness_record(e, names, out / "harness", limit=recipe.eval.limit,
+                                    batch_size=recipe.eval.batch_size)
+            for task, metrics in harness_scores(record).items():
+                if task in scores.get(e.name, {}):
+                    raise DistillError(f"--harness {task}: a task of eval.tasks has that name too; "
+                                       "run one of them under another name")
+                scores.setdefault(e.name, {})[task] = metrics
+            write_scores(out, scores, recipe.eval.protocol, recipe.eval.limit)
+    record_time(recipe, "eval", started)
     write_report(recipe, scores, log)
     return scores
 

@@ -14,9 +14,9 @@ scorer. The public API, used by the CLI and the synthetic experiment:
 """
 
 from distill.evaluation.examples import Example, build_examples
-from distill.evaluation.harness import run_harness
+from distill.evaluation.harness import harness_record, harness_scores, run_harness
 from distill.evaluation.runner import ModelEntry, evaluate_models, run_task
 from distill.evaluation.spec import TaskSpec, list_tasks, load_task
 
-__all__ = ["Example", "ModelEntry", "TaskSpec", "build_examples", "evaluate_models", "list_tasks", "load_task",
+__all__ = ["Example", "ModelEntry", "TaskSpec", "build_examples", "evaluate_models", "harness_record", "harness_scores", "list_tasks", "load_task",
            "run_harness", "run_task"]

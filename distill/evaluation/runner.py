@@ -124,6 +124,11 @@ def write_predictions(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def _num(value, fmt: str = "") -> str:
+    """A figure, or "-" where there is none (lm-eval tasks have no speed or memory figures)."""
+    return "-" if value is None else format(value, fmt)
+
+
 def scores_markdown(scores: dict, protocol: str, limit: Optional[int]) -> str:
     """Accuracy table (models as rows, tasks as columns), then one speed row per (model, task)."""
     tasks = list(dict.fromkeys(t for per_model in scores.values() for t in per_model))
@@ -131,17 +136,18 @@ def scores_markdown(scores: dict, protocol: str, limit: Optional[int]) -> str:
     lines = [f"Accuracy (%), {subset}; multiple-choice protocol: {protocol}.", "",
              "| model | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
     for model, per_model in scores.items():
-        cells = [f"{100 * per_model[t]['accuracy']:.2f}" if t in per_model else "" for t in tasks]
+        cells = [_num(100 * per_model[t]["accuracy"] if per_model[t].get("accuracy") is not None else None, ".2f")
+                 if t in per_model else "" for t in tasks]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "| model | task | n | wall s | examples/s | tokens/s | peak MB |", "| --- | --- |" + " ---: |" * 5]
     for model, per_model in scores.items():
         for t, m in per_model.items():
-            lines.append(f"| {model} | {t} | {m['n']} | {m['wall_s']:.1f} | {m['examples_per_s']} | "
-                         f"{m['tokens_per_s']} | {m['peak_mem_mb']:.0f} |")
+            lines.append(f"| {model} | {t} | {m['n']} | {_num(m['wall_s'], '.1f')} | {_num(m['examples_per_s'])} | "
+                         f"{_num(m['tokens_per_s'])} | {_num(m['peak_mem_mb'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
-def _write_scores(out_dir: Path, scores: dict, protocol: str, limit: Optional[int]) -> None:
+def write_scores(out_dir: Path, scores: dict, protocol: str, limit: Optional[int]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     (out_dir / "scores.md").write_text(scores_markdown(scores, protocol, limit))
@@ -190,8 +196,9 @@ def evaluate_models(models: list[ModelEntry], tasks: list[str], cfg, out_dir, de
                 if spec.name in keys:
                     cache.put(keys[spec.name], metrics, records)
             write_predictions(out_dir / _safe(entry.name) / f"{spec.name}.predictions.jsonl", records)
-            scores[entry.name][spec.name] = metrics
-            _write_scores(out_dir, scores, cfg.protocol, cfg.limit)
+            # Where the report finds the per-example records, relative to out_dir.
+            scores[entry.name][spec.name] = {**metrics, "predictions": f"{_safe(entry.name)}/{spec.name}.predictions.jsonl"}
+            write_scores(out_dir, scores, cfg.protocol, cfg.limit)
             log(f"eval {entry.name} {spec.name}: accuracy {metrics['accuracy']:.4f} on {metrics['n']} examples, "
                 + ("cached (an earlier run scored the same model, task and settings)" if spec.name in hits else
                    f"{metrics['wall_s']:.1f} s, {metrics['examples_per_s']} ex/s, peak {metrics['peak_mem_mb']:.0f} MB"))
