@@ -386,8 +386,24 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 
 def validate(r: Recipe) -> None:
-    """Cross-field and range checks. Raises ConfigError naming the key."""
+    """Cross-field and range checks, section by section. Raises ConfigError naming the key.
+
+    Some values are resolved here (cache.top_k, cache.id_order, train.online_teachers, merge
+    defaults), so that the saved recipe shows what was used."""
     _require(bool(r.name.strip()), "name", "must not be empty")
+    names = _validate_teachers(r)
+    _validate_student(r)
+    _validate_data(r, names)
+    _validate_cache(r.cache)
+    _validate_loss(r)
+    _validate_train(r)
+    _validate_eval(r, names)
+    if r.synthetic is not None:
+        _validate_synthetic(r.synthetic)
+
+
+def _validate_teachers(r: Recipe) -> set[str]:
+    """teachers: names, models, weights; returns the set of teacher names."""
     _require(len(r.teachers) > 0, "teachers", "at least one teacher is required")
     names: set[str] = set()
     for i, t in enumerate(r.teachers):
@@ -405,6 +421,10 @@ def validate(r: Recipe) -> None:
     if r.train.online_teachers:  # resolved here, so the saved recipe shows which teachers run online
         for t in r.teachers:
             t.online = True
+    return names
+
+
+def _validate_student(r: Recipe) -> None:
     _require(bool(r.student.model.strip()), "student.model", "must not be empty")
     _require(r.student.max_params > 0, "student.max_params", "must be > 0")
     if r.student.lora is not None:
@@ -424,6 +444,8 @@ def validate(r: Recipe) -> None:
             _require(r.student.init.base == r.student.model, "student.init.base",
                      "a LoRA student's merge is over its own base, student.model")
 
+
+def _validate_data(r: Recipe, names: set[str]) -> None:
     d = r.data
     _require(len(d.sources) > 0, "data.sources", "at least one data source is required")
     for i, s in enumerate(d.sources):
@@ -437,7 +459,8 @@ def validate(r: Recipe) -> None:
             _validate_generate(r, s, key, names)
     _require(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
 
-    c = r.cache
+
+def _validate_cache(c: CacheConfig) -> None:
     from distill.cache.codec import CODECS, DEFAULT_TOP_K, VarKCodec  # local import: codec imports torch
 
     _require(c.codec in CODECS, "cache.codec", f"unknown codec {c.codec!r} (known: {', '.join(sorted(CODECS))})")
@@ -455,6 +478,9 @@ def validate(r: Recipe) -> None:
     _require(c.shard_tokens > 0, "cache.shard_tokens", f"must be > 0, got {c.shard_tokens}")
     _require(c.batch_size > 0, "cache.batch_size", f"must be > 0, got {c.batch_size}")
 
+
+def _validate_loss(r: Recipe) -> None:
+    d = r.data
     lo = r.loss
     _require(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
     _require(0 < lo.beta < 1, "loss.beta", f"must be in (0, 1), got {lo.beta}")
@@ -474,6 +500,8 @@ def validate(r: Recipe) -> None:
                 raise ConfigError(f"data.sources[{i}].domain",
                                   f"no teacher serves domain {s.domain!r} (served: {', '.join(sorted(served))})")
 
+
+def _validate_train(r: Recipe) -> None:
     t = r.train
     _require(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
     _require(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
@@ -497,6 +525,8 @@ def validate(r: Recipe) -> None:
     _require(not t.pure_bf16 or r.student.dtype in ("auto", "bfloat16"), "train.pure_bf16",
              f"trains bf16 weights; student.dtype must be auto or bfloat16, got {r.student.dtype!r}")
 
+
+def _validate_eval(r: Recipe, names: set[str]) -> None:
     e = r.eval
     _require(e.limit is None or e.limit > 0, "eval.limit", f"must be > 0, got {e.limit}")
     _require(e.batch_size > 0, "eval.batch_size", f"must be > 0, got {e.batch_size}")
@@ -515,14 +545,15 @@ def validate(r: Recipe) -> None:
                  f"task {task!r} is not in eval.tasks")
     if r.publish.push:
         _require(bool(r.publish.repo_id), "publish.repo_id", "required when publish.push is true")
-    if r.synthetic is not None:
-        s = r.synthetic
-        _require(0 < s.hidden_size <= 128, "synthetic.hidden_size", "must be in 1..128")
-        for k in ("layers", "heads", "digits", "reverse_len", "base_steps", "expert_steps",
-                  "batch_size", "calib_samples", "eval_samples"):
-            _require(getattr(s, k) > 0, f"synthetic.{k}", f"must be > 0, got {getattr(s, k)}")
-        _require(s.hidden_size % s.heads == 0, "synthetic.heads", "must divide synthetic.hidden_size")
-        _require(s.lr > 0, "synthetic.lr", "must be > 0")
+
+
+def _validate_synthetic(s: SyntheticConfig) -> None:
+    _require(0 < s.hidden_size <= 128, "synthetic.hidden_size", "must be in 1..128")
+    for k in ("layers", "heads", "digits", "reverse_len", "base_steps", "expert_steps",
+              "batch_size", "calib_samples", "eval_samples"):
+        _require(getattr(s, k) > 0, f"synthetic.{k}", f"must be > 0, got {getattr(s, k)}")
+    _require(s.hidden_size % s.heads == 0, "synthetic.heads", "must divide synthetic.hidden_size")
+    _require(s.lr > 0, "synthetic.lr", "must be > 0")
 
 
 def _validate_merge(r: Recipe, m: MergeConfig, key: str) -> None:
