@@ -76,7 +76,6 @@ from distill.cache.store import CacheReader  # noqa: E402
 from distill.config import load_recipe  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.signals import CachedTeachers, Teachers, load_live_teachers  # noqa: E402
-from distill.step import StudentWithLoss, TrainStep  # noqa: E402
 GSM8K = ROOT / "bench" / "data" / "gsm8k" / "train.jsonl"
 
 
@@ -146,13 +145,8 @@ class Student:
     stepped by the library's TrainStep with the given teachers (cached or live)."""
 
     def __init__(self, acc, recipe, teachers: Teachers):
-        t = recipe.train
-        wrapped = StudentWithLoss(T.build_student(recipe, acc.device), recipe.loss)
-        self.params = [p for p in wrapped.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(t.schedule, t.warmup_steps, t.max_steps))
-        wrapped, opt = acc.prepare(wrapped, opt)
-        self.step = TrainStep(acc, wrapped, opt, sched, teachers, t.max_grad_norm)
+        self.step, _ = T.build_train_step(recipe, acc, teachers, recipe.train.max_steps)
+        self.params = self.step.params
 
     def __call__(self, batch: dict) -> float:
         norm = int(batch["select"].sum())  # target tokens of the step (one micro-batch, one process)

@@ -301,6 +301,29 @@ def _setup(recipe: Recipe, log) -> Setup:
         raise DistillError(f"train.batch_size: {t.batch_size} x {acc.num_processes} processes is more than the "
                            f"{n} cached samples")
 
+    plan_args = (n, t.batch_size, acc.num_processes, recipe.seed)
+    lengths = reader.lengths()
+    grouping = {"lengths": lengths if t.group_by_length else None, "group_batches": t.group_batches}
+    plans = B.PlanCache(*plan_args, micro_per_epoch, **grouping)
+    padding = (B.padding_fraction(plans.get(0), lengths), B.padding_fraction(B.epoch_plan(*plan_args, 0), lengths))
+    planned = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
+    step_fn, save_guess = build_train_step(recipe, acc, lambda: build_teachers(recipe, reader, codec, acc.device),
+                                           planned)
+    online = [tt.name for tt in recipe.teachers if tt.online]
+    log(f"train: {setup_line(acc)}" + (f"; online teachers: {', '.join(online)}" if online else ""))
+    return Setup(acc, tok, reader, codec, reader.row_counts(), step_fn.wrapped, step_fn, plans, plan_args, grouping,
+                 micro_per_epoch, planned, padding, save_guess)
+
+
+def build_train_step(recipe: Recipe, acc, teachers, planned: int) -> tuple[TrainStep, float]:
+    """The student as `distill train` trains it, behind its one step: (TrainStep, save guess in s).
+
+    The recipe's student (build_student), wrapped with its loss, AdamW and the LR schedule over
+    `planned` steps, prepared by accelerate (the schedule registered for checkpoints); `teachers`
+    is a `signals.Teachers`, or a callable making one once the student is placed (live teachers
+    then load after it). Benchmarks and tests build their step here too, so they measure the
+    trainer's own."""
+    t = recipe.train
     student = build_student(recipe, acc.device, deepspeed_dtype(acc))
     wrapped = StudentWithLoss(student, recipe.loss)
     if zero_stage(acc) == 3:
@@ -308,21 +331,11 @@ def _setup(recipe: Recipe, log) -> Setup:
     params = [p for p in wrapped.parameters() if p.requires_grad]
     save_guess = save_guess_s(student, params)  # before prepare: ZeRO-3 then partitions the weights
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    plan_args = (n, t.batch_size, acc.num_processes, recipe.seed)
-    lengths = reader.lengths()
-    grouping = {"lengths": lengths if t.group_by_length else None, "group_batches": t.group_batches}
-    plans = B.PlanCache(*plan_args, micro_per_epoch, **grouping)
-    padding = (B.padding_fraction(plans.get(0), lengths), B.padding_fraction(B.epoch_plan(*plan_args, 0), lengths))
-    planned = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, planned))
     wrapped, opt = acc.prepare(wrapped, opt)
     acc.register_for_checkpointing(sched)
-    teachers = build_teachers(recipe, reader, codec, acc.device)
-    online = [tt.name for tt in recipe.teachers if tt.online]
-    log(f"train: {setup_line(acc)}" + (f"; online teachers: {', '.join(online)}" if online else ""))
-    step_fn = TrainStep(acc, wrapped, opt, sched, teachers, t.max_grad_norm)
-    return Setup(acc, tok, reader, codec, reader.row_counts(), wrapped, step_fn, plans, plan_args, grouping,
-                 micro_per_epoch, planned, padding, save_guess)
+    teachers = teachers() if callable(teachers) else teachers
+    return TrainStep(acc, wrapped, opt, sched, teachers, t.max_grad_norm), save_guess
 
 
 def _resume(acc, ckpt_root: Path, log) -> tuple[int, int, int]:

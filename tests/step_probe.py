@@ -14,8 +14,8 @@ import torch
 from distill import batches as B
 from distill.cache.store import CacheReader
 from distill.config import load_recipe
-from distill.step import NonFiniteStep, StudentWithLoss, TrainStep
-from distill.train import build_accelerator, build_student, build_teachers, lr_lambda
+from distill.step import NonFiniteStep
+from distill.train import build_accelerator, build_teachers, build_train_step
 
 
 def main(recipe_path: str, out_path: str) -> None:
@@ -23,12 +23,8 @@ def main(recipe_path: str, out_path: str) -> None:
     acc = build_accelerator(recipe)
     reader = CacheReader(recipe.cache.dir)
     codec = reader.codec()
-    wrapped = StudentWithLoss(build_student(recipe, acc.device), recipe.loss)
-    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=recipe.train.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", 0, 10))
-    wrapped, opt = acc.prepare(wrapped, opt)
-    step = TrainStep(acc, wrapped, opt, sched, build_teachers(recipe, reader, codec, acc.device),
-                     recipe.train.max_grad_norm)
+    step, _ = build_train_step(recipe, acc, build_teachers(recipe, reader, codec, acc.device), 10)
+    wrapped = step.wrapped
     items = [reader.sample(i) for i in range(len(reader))]
     good = B.collate(items[2 * acc.process_index:2 * acc.process_index + 2], 0)
     bad = B.collate(items[2 * acc.process_index:2 * acc.process_index + 2], 0)
