@@ -20,6 +20,17 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matmuls are faster on one thread, and on a busy 2-core machine two threads make them ~50x
+    slower (OpenMP spinning). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny(path: Path, seed: int, tok, hidden: int = 32, vocab_size: int | None = None) -> Path:
     """vocab_size: embedding rows (default len(tok)); more than len(tok) = padded rows, as 7B Qwen2.5 has."""
     from transformers import LlamaConfig, LlamaForCausalLM

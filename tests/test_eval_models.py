@@ -17,14 +17,7 @@ from distill.evaluation.loglik import score_choices
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls are faster on one thread, and on a busy 2-core machine two
-    # threads make them ~50x slower (OpenMP spinning). Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls on one thread
 
 
 def char_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
