@@ -4,8 +4,10 @@ Load with `load_recipe(path, overrides)`; overrides are `key.sub=value` strings
 (list items by index: `teachers.0.weight=2`), values parsed as YAML. Validation
 happens entirely at load time, so a bad recipe fails before any compute.
 
-Strings may contain `{run_dir}` (the run directory) and `{recipe_dir}` (the
-folder holding the recipe); they are substituted after overrides.
+Strings may contain `{run_dir}` (the run directory), `{recipe_dir}` (the
+folder holding the recipe) and `{smollm2}` (the embedded SmolLM2-135M-Instruct
+folder, converted from its PyPI wheel on first use; see distill/smollm.py); they
+are substituted after overrides.
 """
 
 from __future__ import annotations
@@ -364,6 +366,16 @@ def _substitute(obj: Any, values: dict[str, str]) -> Any:
     return obj
 
 
+def _mentions(obj: Any, text: str) -> bool:
+    if dataclasses.is_dataclass(obj):
+        return any(_mentions(getattr(obj, f.name), text) for f in dataclasses.fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return any(_mentions(v, text) for v in obj)
+    if isinstance(obj, dict):
+        return any(_mentions(v, text) for v in obj.values())
+    return isinstance(obj, str) and text in obj
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, type-check, substitute and validate a recipe."""
     path = Path(path)
@@ -374,7 +386,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     recipe = build(Recipe, data)
     run_dir = recipe.run_dir.replace("{name}", recipe.name)
     recipe.run_dir = run_dir
-    _substitute(recipe, {"run_dir": run_dir, "recipe_dir": str(path.resolve().parent)})
+    values = {"run_dir": run_dir, "recipe_dir": str(path.resolve().parent)}
+    if _mentions(recipe, "{smollm2}"):
+        from distill.smollm import smollm2_path
+
+        values["smollm2"] = str(smollm2_path())  # converted once, then reused
+    _substitute(recipe, values)
     validate(recipe)
     check_paths(recipe)
     return recipe

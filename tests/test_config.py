@@ -50,6 +50,19 @@ def test_run_dir_placeholders(tmp_path, base):
     assert r.cache.dir == str(tmp_path / "runs" / "t" / "mycache")
 
 
+def test_smollm2_placeholder_is_materialised_only_when_used(tmp_path, base, monkeypatch):
+    import distill.smollm
+
+    calls = []
+    monkeypatch.setattr(distill.smollm, "smollm2_path", lambda: calls.append(1) or tmp_path / "student")
+    load_recipe(write(tmp_path, base))
+    assert calls == []  # a recipe that does not name it never converts the model
+    base["student"]["model"] = "{smollm2}"
+    base["teachers"][0]["adapter"] = "{smollm2}"
+    r = load_recipe(write(tmp_path, base))
+    assert r.student.model == r.teachers[0].adapter == str(tmp_path / "student") and calls == [1]
+
+
 def test_paths_under_run_dir_may_not_exist_yet(tmp_path, base):
     base["teachers"][0]["model"] = "{run_dir}/synthetic/expert"
     assert load_recipe(write(tmp_path, base)).teachers[0].model.endswith("run/synthetic/expert")
