@@ -84,6 +84,17 @@ def versus_merge(cells: dict, tasks: list[str], student: str, merge: str, eval_d
     return out
 
 
+def experts_vs_base(recipe: Recipe, cells: dict, eval_dir: Path) -> dict[str, dict]:
+    """{expert: paired difference expert - base on its own task}: is each expert an expert at all?"""
+    out = {}
+    for expert, task in recipe.eval.skills.items():
+        if expert in cells and BASE in cells:
+            diff = versus_merge(cells, [task], expert, BASE, eval_dir).get(task)
+            if diff:
+                out[expert] = {"task": task, **diff}
+    return out
+
+
 def retention(recipe: Recipe, table: dict[str, dict[str, float | None]], student: str = "student") -> dict:
     """{expert: {task, teacher, student, base, retention, gain_kept}} for one student."""
     out = {}
@@ -118,6 +129,7 @@ def build(recipe: Recipe, scores: dict) -> dict:
         "mean": {m: _mean(row, tasks) for m, row in cells.items()},
         "best_merge": best,
         "vs_best_merge": {s: versus_merge(cells, tasks, s, best, run / "eval") for s in students} if best else {},
+        "experts_vs_base": experts_vs_base(recipe, cells, run / "eval"),
         "retention": retention(recipe, table) if "student" in table else {},
         "retention_by_student": {s: retention(recipe, table, s) for s in students},
         "train": _read_json(run / "train_result.json"), "timings": _read_json(run / "timings.json"),
@@ -169,6 +181,16 @@ def _merge_table(r: dict) -> list[str]:
     return lines
 
 
+def _experts_table(r: dict) -> list[str]:
+    lines = ["", f"## Each expert against the base (`{BASE}`) on its own task", "",
+             "Paired difference expert - base on the same examples, with its 95% normal interval; "
+             "an interval above 0 means the expert is clearly better at its skill.", "",
+             "| expert | its task | difference [95% interval] | n |", "|---|---|---|---|"]
+    for name, d in r["experts_vs_base"].items():
+        lines.append(f"| {name} | {d['task']} | {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['n']} |")
+    return lines
+
+
 def _retention_table(r: dict) -> list[str]:
     lines = ["", "## Retention of each expert's skill", "",
              "retention = student / expert on the expert's task; gain kept = (student - base) / (expert - base), "
@@ -205,6 +227,8 @@ def markdown(r: dict, recipe_yaml: str) -> str:
         lines += ["", f"![scores per model and task]({r['plots']['scores']})"]
     if r["best_merge"] and r["vs_best_merge"]:
         lines += _merge_table(r)
+    if r.get("experts_vs_base"):
+        lines += _experts_table(r)
     if any(r["retention_by_student"].values()):
         lines += _retention_table(r)
     lines += ["", "## Run"] + _run_section(r, recipe_yaml)

@@ -100,6 +100,10 @@ def test_report_of_a_real_run(tiny_run):
     assert ret["gain_kept"] == stats.gain_kept(ret["student"], ret["teacher"], ret["base"])
     # Not a degenerate case: the student and the merge disagree on some examples.
     assert diff["high"] > diff["low"], diff
+    # Each expert against the base on its own task, paired on the same examples.
+    vs_base = report["experts_vs_base"]["ta"]
+    assert vs_base == pytest.approx({"task": "mc", **stats.paired_difference(
+        _correct(run / "eval" / "ta" / "mc.predictions.jsonl"), _correct(run / "eval" / "base" / "mc.predictions.jsonl"))})
     # Stage times, written by each stage.
     assert set(report["timings"]) == {"cache", "train", "eval"}
     assert all(v["wall_s"] > 0 for v in report["timings"].values())
@@ -110,6 +114,7 @@ def test_report_of_a_real_run(tiny_run):
     assert "Wilson score interval" in md and "Examples per task (n): mc 12" in md
     assert f"| student | {diff['diff']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] (n=12)" in md
     assert "## Students against the best merge (avg" in md and "gain kept" in md
+    assert f"| ta | mc | {vs_base['diff']:+.3f} [{vs_base['low']:+.3f}, {vs_base['high']:+.3f}] | 12 |" in md
     assert md.index("| cache |") < md.index("| train |") < md.index("| eval |") and "<details><summary>Recipe (resolved)</summary>" in md
     assert yaml.safe_load(md.split("```yaml\n")[1].split("```")[0])["name"] == "tiny"
     for name in ("scores", "train_loss"):
