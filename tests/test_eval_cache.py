@@ -88,6 +88,25 @@ def test_what_changes_the_numbers_rescores(world):
     assert loads == 0
 
 
+def test_a_task_that_sets_its_own_protocol_keeps_it(world):
+    """A spec's `protocol` wins over eval.protocol, in the scores and in the cache key."""
+    mc = world["root"] / "mc.yaml"
+    (world["root"] / "mc_std.yaml").write_text(mc.read_text() + "protocol: standard\n")
+    (world["root"] / "mc_comp.yaml").write_text(mc.read_text() + "protocol: competition\n")
+    tasks = [str(world["root"] / f"mc_{p}.yaml") for p in ("std", "comp")]
+    first, loads, _ = _evaluate(world, "a", tasks=tasks)
+    assert {t: x["protocol"] for t, x in first["m"].items()} == {"mc_std": "standard", "mc_comp": "competition"}
+    assert "mc_std: standard" in (world["root"] / "a" / "scores.md").read_text()
+    # eval.protocol does not change either task's result: both come from the cache
+    second, loads, _ = _evaluate(world, "b", tasks=tasks, protocol="standard")
+    assert loads == 0 and _strip(second) == _strip(first)
+    # and each equals the plain task scored under that protocol
+    plain, _, _ = _evaluate(world, "c", tasks=[str(mc)], protocol="standard")
+    assert plain["m"]["mc"]["accuracy"] == first["m"]["mc_std"]["accuracy"]
+    assert [json.loads(x)["scores"] for x in (world["root"] / "c/m/mc.predictions.jsonl").read_text().splitlines()] \
+        == [json.loads(x)["scores"] for x in (world["root"] / "a/m/mc_std.predictions.jsonl").read_text().splitlines()]
+
+
 def test_config_or_tokenizer_change_rescores(world):
     _evaluate(world, "a")
     for name in ("config.json", "tokenizer.json"):  # still valid JSON, one byte longer

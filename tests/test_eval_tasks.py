@@ -92,6 +92,30 @@ def test_mawps_shipped_task():
     assert examples[0].target == "12.0"
 
 
+def test_boolq_standard_is_boolq_under_the_standard_protocol():
+    import yaml
+
+    a = yaml.safe_load((TASKS_DIR / "boolq.yaml").read_text())
+    b = yaml.safe_load((TASKS_DIR / "boolq_standard.yaml").read_text())
+    assert b.pop("protocol") == "standard" and "protocol" not in a
+    for key in ("name", "description"):
+        a.pop(key), b.pop(key)
+    assert a == b  # same rows, templates, truncation and tokenization
+    assert [e.prompt for e in build_examples(load_task("boolq_standard"), 20)] == \
+        [e.prompt for e in build_examples(load_task("boolq"), 20)]
+
+
+def test_protocol_is_for_multiple_choice_tasks_only(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1=", "target": "2"}\n')
+    spec = write(tmp_path / "g.yaml", "kind: generate_exact\ndataset: d.jsonl\nprotocol: standard\n")
+    with pytest.raises(DistillError, match=r"g.yaml: protocol: only multiple_choice tasks"):
+        load_task(spec)
+    bad = write(tmp_path / "m.yaml", "kind: multiple_choice\ndataset: d.jsonl\nprotocol: fancy\n"
+                "templates: [{jinja: 'x ||| y', answer_choices: 'a ||| b'}]\n")
+    with pytest.raises(DistillError, match=r"m.yaml: .*protocol"):
+        load_task(bad)
+
+
 def write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)

@@ -133,6 +133,10 @@ def scores_markdown(scores: dict, protocol: str, limit: Optional[int]) -> str:
     """Accuracy table (models as rows, tasks as columns), then one speed row per (model, task)."""
     tasks = list(dict.fromkeys(t for per_model in scores.values() for t in per_model))
     subset = f"first {limit} examples per task" if limit else "full tasks"
+    own = {t: m["protocol"] for per_model in scores.values() for t, m in per_model.items()
+           if m.get("protocol") not in (None, protocol)}  # tasks whose spec sets its own protocol
+    if own:
+        protocol += " (" + ", ".join(f"{t}: {p}" for t, p in own.items()) + ")"
     lines = [f"Accuracy (%), {subset}; multiple-choice protocol: {protocol}.", "",
              "| model | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
     for model, per_model in scores.items():
@@ -192,7 +196,8 @@ def evaluate_models(models: list[ModelEntry], tasks: list[str], cfg, out_dir, de
                 metrics, records = hits[spec.name]
                 metrics = {**metrics, "cached": True}
             else:
-                metrics, records = run_task(model, tokenizer, spec, examples[spec.name], cfg.protocol, cfg.batch_size)
+                metrics, records = run_task(model, tokenizer, spec, examples[spec.name],
+                                            spec.protocol_under(cfg.protocol), cfg.batch_size)
                 if spec.name in keys:
                     cache.put(keys[spec.name], metrics, records)
             write_predictions(out_dir / _safe(entry.name) / f"{spec.name}.predictions.jsonl", records)
@@ -225,7 +230,7 @@ def _lookup(cache: Optional[EvalCache], entry: ModelEntry, specs: list[TaskSpec]
     cache.hashes.save()
     if model_fp is None:
         return {}, {}
-    keys = {s.name: cache.key_fields(model_fp, task_fps[s.name], s, cfg.protocol, cfg.limit, cfg.batch_size,
-                                     device.type) for s in specs}
+    keys = {s.name: cache.key_fields(model_fp, task_fps[s.name], s, s.protocol_under(cfg.protocol), cfg.limit,
+                                     cfg.batch_size, device.type) for s in specs}
     hits = {name: hit for name, fields in keys.items() if (hit := cache.get(fields)) is not None}
     return keys, hits

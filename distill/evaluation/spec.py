@@ -67,6 +67,9 @@ class TaskSpec:
     label_field: str = "label"  # the gold choice's index (ints, or strings through label_map)
     label_map: dict[str, int] = field(default_factory=dict)  # e.g. {"false": 0, "true": 1}
     truncate_chars: Optional[int] = None  # promptsource's per-variable truncation (2048)
+    # score with this protocol whatever eval.protocol says (a task variant such as boolq_standard);
+    # null: eval.protocol
+    protocol: Optional[Literal["competition", "standard"]] = None
     # --- generate_*
     prompt_field: str = "prompt"  # the prompt, verbatim ...
     prompt_template: Optional[str] = None  # ... or a jinja string over the row's fields
@@ -81,6 +84,10 @@ class TaskSpec:
     @property
     def is_generative(self) -> bool:
         return self.kind != "multiple_choice"
+
+    def protocol_under(self, default: str) -> str:
+        """The protocol this task is scored with when eval.protocol is `default`."""
+        return self.protocol or default
 
 
 def list_tasks() -> list[str]:
@@ -157,6 +164,7 @@ def _check(spec: TaskSpec) -> None:
     else:
         need(spec.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {spec.max_new_tokens}")
         need(all(spec.stop), "stop", "stop strings must not be empty")
+        need(spec.protocol is None, "protocol", "only multiple_choice tasks have a scoring protocol")
 
 
 def load_task(name_or_path: str) -> TaskSpec:
