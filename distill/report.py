@@ -5,7 +5,9 @@ What it shows, and how each figure is identified:
   sample size and a 95% Wilson score interval (distill/stats.py);
 - students: the model named `student` (the run's own) and any eval model named `student_*`;
   merge baselines: the `eval.models` entries with a `merge` list; the best merge is the one with
-  the highest mean accuracy over the tasks. Each student's paired difference to it is computed on
+  the highest mean accuracy. The mean is over the skills' tasks (the tasks `eval.skills` names, so
+  one skill counts once however many views of it are evaluated, e.g. boolq and boolq_standard), or
+  over every task when `eval.skills` names none that was evaluated. Each student's paired difference to it is computed on
   the examples both scored (from <run>/eval/.../<task>.predictions.jsonl);
 - retention (`eval.skills`: expert -> the task of its own skill): student / expert, and the gain
   kept, (student - base) / (expert - base), where the base is the eval model named `base`;
@@ -69,8 +71,10 @@ def _correct(eval_dir: Path, cell: dict) -> dict[int, float] | None:
     return {r["index"]: float(r["correct"]) for r in rows}
 
 
-def versus_merge(cells: dict, tasks: list[str], student: str, merge: str, eval_dir: Path) -> dict[str, dict]:
-    """{task | "mean": paired difference student - merge} on the examples both models scored."""
+def versus_merge(cells: dict, tasks: list[str], student: str, merge: str, eval_dir: Path,
+                 mean_tasks: list[str] | None = None) -> dict[str, dict]:
+    """{task | "mean": paired difference student - merge} on the examples both models scored; the
+    mean is over `mean_tasks` (default: every task)."""
     out = {}
     for task in tasks:
         if task not in cells[student] or task not in cells[merge]:
@@ -79,8 +83,9 @@ def versus_merge(cells: dict, tasks: list[str], student: str, merge: str, eval_d
         common = sorted(set(a) & set(b)) if a is not None and b is not None else []
         if common:
             out[task] = stats.paired_difference([a[i] for i in common], [b[i] for i in common])
-    if out and len(out) == len(tasks):
-        out["mean"] = stats.mean_of_differences([out[t] for t in tasks])
+    mean_tasks = tasks if mean_tasks is None else mean_tasks
+    if mean_tasks and all(t in out for t in mean_tasks):
+        out["mean"] = stats.mean_of_differences([out[t] for t in mean_tasks])
     return out
 
 
@@ -116,19 +121,22 @@ def build(recipe: Recipe, scores: dict) -> dict:
     run = Path(recipe.run_dir)
     cells = _cells(scores)
     tasks = list(dict.fromkeys(t for row in cells.values() for t in row))
+    skill_tasks = set(recipe.eval.skills.values())
+    mean_tasks = [t for t in tasks if t in skill_tasks] or tasks
     table = {m: {t: c["accuracy"] for t, c in row.items()} for m, row in cells.items()}
     merges = [m.name for m in recipe.eval.models if m.merge and m.name in cells]
-    means = {m: _mean(cells[m], tasks) for m in merges}
+    means = {m: _mean(cells[m], mean_tasks) for m in merges}
     ranked = [m for m in merges if means[m] is not None]
     best = max(ranked, key=lambda m: means[m]) if ranked else None  # max keeps the first of equals
     students = [m for m in cells if is_student(m)]
     return {
-        "recipe": recipe.name, "tasks": tasks, "scores": table,
+        "recipe": recipe.name, "tasks": tasks, "mean_tasks": mean_tasks, "scores": table,
         "n": {m: {t: c["n"] for t, c in row.items()} for m, row in cells.items()},
         "intervals": {m: {t: [c["low"], c["high"]] for t, c in row.items()} for m, row in cells.items()},
-        "mean": {m: _mean(row, tasks) for m, row in cells.items()},
+        "mean": {m: _mean(row, mean_tasks) for m, row in cells.items()},
         "best_merge": best,
-        "vs_best_merge": {s: versus_merge(cells, tasks, s, best, run / "eval") for s in students} if best else {},
+        "vs_best_merge": {s: versus_merge(cells, tasks, s, best, run / "eval", mean_tasks) for s in students}
+        if best else {},
         "experts_vs_base": experts_vs_base(recipe, cells, run / "eval"),
         "retention": retention(recipe, table) if "student" in table else {},
         "retention_by_student": {s: retention(recipe, table, s) for s in students},
@@ -163,8 +171,10 @@ def _score_table(r: dict) -> list[str]:
         name = f"**{model}**" if is_student(model) else model
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(r['mean'][model])} |")
     sizes = {t: sorted({r["n"][m][t] for m in r["n"] if t in r["n"][m]}, key=str) for t in tasks}
+    mean_tasks = r.get("mean_tasks", tasks)
+    over = "" if mean_tasks == tasks else f" The mean is over the skills' tasks: {', '.join(mean_tasks)}."
     lines += ["", "Examples per task (n): " + ", ".join(f"{t} {'/'.join(map(str, v))}" for t, v in sizes.items())
-              + ". Brackets: 95% Wilson score interval of the accuracy."]
+              + ". Brackets: 95% Wilson score interval of the accuracy." + over]
     return lines
 
 

