@@ -96,6 +96,8 @@ def test_a_task_that_sets_its_own_protocol_keeps_it(world):
     tasks = [str(world["root"] / f"mc_{p}.yaml") for p in ("std", "comp")]
     first, loads, _ = _evaluate(world, "a", tasks=tasks)
     assert {t: x["protocol"] for t, x in first["m"].items()} == {"mc_std": "standard", "mc_comp": "competition"}
+    # two views of the same examples: scored in shared passes, each naming the other
+    assert first["m"]["mc_std"]["shared_pass_with"] == ["mc_comp"] and loads == 1
     assert "mc_std: standard" in (world["root"] / "a" / "scores.md").read_text()
     # eval.protocol does not change either task's result: both come from the cache
     second, loads, _ = _evaluate(world, "b", tasks=tasks, protocol="standard")

@@ -12,7 +12,7 @@ from distill.config import EvalConfig
 from distill.errors import DistillError
 from distill.evaluation import ModelEntry, build_examples, evaluate_models, load_task
 from distill.evaluation.generation import generate
-from distill.evaluation.loglik import score_choices
+from distill.evaluation.loglik import score_choices, score_choices_protocols
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -135,6 +135,31 @@ def test_ragged_choices_batched_equal_unbatched(protocol):
             flat = [s for row in got for s in row]
             torch.testing.assert_close(torch.tensor(flat), torch.tensor([s for r in expected for s in r]),
                                        rtol=0, atol=1e-4)
+
+
+def test_both_protocols_in_shared_passes_equal_each_alone():
+    # "Pick one: " ends in whitespace: its standard prompt tokens differ from the competition ones,
+    # so it runs twice; the other prompts run once with all four choice slots.
+    prompts = ["Q: is it?", "A much longer question, with commas, here: yes or no?", "Pick one: ", "x"]
+    choices = [("No", "Yes"), ("False", "True", "Maybe so"), ("red", "green"), ("a",)]
+    model = tiny_llama(len(TOK), seed=2)
+    for reuse_cache in (True, False):
+        both, n_both = score_choices_protocols(model, TOK, prompts, choices, ["competition", "standard"], 3,
+                                               reuse_cache=reuse_cache, max_padding=ANY_PADDING)
+        seen = []
+        alone = {}
+        n_alone = 0
+        for protocol in ("competition", "standard"):
+            alone[protocol], n = score_choices(model, TOK, prompts, choices, protocol, 3, reuse_cache=reuse_cache,
+                                               max_padding=ANY_PADDING, on_batch=seen.append)
+            n_alone += n
+            assert [len(r) for r in both[protocol]] == [len(c) for c in choices]
+            torch.testing.assert_close(torch.tensor([x for r in both[protocol] for x in r]),
+                                       torch.tensor([x for r in alone[protocol] for x in r]), rtol=0, atol=1e-5)
+        assert sum(seen) == 2 * len(prompts)
+        # the shared passes process fewer tokens: three prompts are encoded once instead of twice
+        shared_prompt_tokens = sum(len(TOK(p)["input_ids"]) for p in prompts if p == p.rstrip())
+        assert n_both == n_alone - shared_prompt_tokens
 
 
 def test_the_cached_path_is_the_one_used():

@@ -185,7 +185,6 @@ def _choice_logprobs_concat(model, prompts, choices, pad) -> list[list[torch.Ten
     return result
 
 
-@torch.inference_mode()
 def score_choices(model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]],
                   protocol: str = "competition", batch_size: int = 16, add_bos: str = "auto",
                   max_prompt_tokens=None, reuse_cache: bool = True,
@@ -198,26 +197,69 @@ def score_choices(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
     max_padding: see batching.length_sorted_batches; default by device (padding_budget).
     on_batch: called with a batch's number of prompts once it is scored (a progress bar).
     """
-    if protocol not in PROTOCOLS:
-        raise DistillError(f"eval.protocol: unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})")
+    scores, n_tokens = score_choices_protocols(model, tokenizer, prompts, choices, [protocol], batch_size, add_bos,
+                                               max_prompt_tokens, reuse_cache, max_padding, on_batch)
+    return scores[protocol], n_tokens
+
+
+@torch.inference_mode()
+def score_choices_protocols(model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]],
+                            protocols: Sequence[str], batch_size: int = 16, add_bos: str = "auto",
+                            max_prompt_tokens=None, reuse_cache: bool = True, max_padding: float | None = None,
+                            on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, list[list[float]]], int]:
+    """score_choices under several protocols at once: ({protocol: scores per prompt}, tokens processed).
+
+    A prompt whose tokens are the same under two protocols (the usual case: `standard` only
+    differs for a prompt that ends in whitespace) runs its prompt pass once, with the protocols'
+    choices as its choice slots one after the other; a prompt whose tokens differ runs once per
+    distinct token sequence. Each choice's log-probs are exactly what a one-protocol call gives.
+    on_batch is called with the number of prompts whose first pass is in the batch.
+    """
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise DistillError(f"eval.protocol: unknown protocol {protocol!r} (expected one of {', '.join(PROTOCOLS)})")
     pad = pad_id(tokenizer)
     logit_transform(model)  # an unknown logit transform fails before any batch runs
-    prompt_ids, choice_tok = encode_choices(tokenizer, prompts, choices, protocol, add_bos, max_prompt_tokens)
-    results: list[list[float]] = [[] for _ in prompts]
+    encoded = {p: encode_choices(tokenizer, prompts, choices, p, add_bos, max_prompt_tokens) for p in protocols}
+    # Jobs: one per distinct prompt token sequence of each prompt; each job's choices are those of
+    # every protocol that encodes the prompt to it, and `where` records which slots are whose.
+    job_prompts: list[list[int]] = []
+    job_choices: list[list[list[int]]] = []
+    first_job: list[bool] = []
+    where: dict[str, list[tuple[int, int]]] = {p: [] for p in protocols}  # per prompt: (job, first slot)
+    for i in range(len(prompts)):
+        mine: dict[tuple[int, ...], int] = {}
+        for p in protocols:
+            ids, cs = encoded[p][0][i], encoded[p][1][i]
+            job = mine.get(tuple(ids))
+            if job is None:
+                job = mine[tuple(ids)] = len(job_prompts)
+                job_prompts.append(ids)
+                job_choices.append([])
+                first_job.append(len(mine) == 1)
+            where[p].append((job, len(job_choices[job])))
+            job_choices[job].extend(cs)
+    logprobs: list[list[torch.Tensor]] = [[] for _ in job_prompts]
     n_tokens = 0
     budget = padding_budget(model_device(model)) if max_padding is None else max_padding
     reuse_cache = reuse_cache and shared_cache(model) is not None
-    for batch in length_sorted_batches([len(p) for p in prompt_ids], batch_size, budget):
-        batch_prompts, batch_choices = [prompt_ids[i] for i in batch], [choice_tok[i] for i in batch]
-        if not any(batch_choices):
-            continue
-        if reuse_cache:
-            lp = _choice_logprobs_cached(model, batch_prompts, batch_choices, pad, shared_cache(model))
-        else:
-            lp = _choice_logprobs_concat(model, batch_prompts, batch_choices, pad)
-        for i, per_choice, cs in zip(batch, lp, batch_choices):
-            results[i] = [float(t[list(counted(len(c), protocol))].sum()) for t, c in zip(per_choice, cs)]
-        n_tokens += sum(len(p) for p in batch_prompts) + sum(len(c) for cs in batch_choices for c in cs)
+    for batch in length_sorted_batches([len(p) for p in job_prompts], batch_size, budget):
+        batch_prompts, batch_choices = [job_prompts[j] for j in batch], [job_choices[j] for j in batch]
+        if any(batch_choices):
+            if reuse_cache:
+                lp = _choice_logprobs_cached(model, batch_prompts, batch_choices, pad, shared_cache(model))
+            else:
+                lp = _choice_logprobs_concat(model, batch_prompts, batch_choices, pad)
+            for j, per_choice in zip(batch, lp):
+                logprobs[j] = per_choice
+            n_tokens += sum(len(p) for p in batch_prompts) + sum(len(c) for cs in batch_choices for c in cs)
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(sum(first_job[j] for j in batch))
+    results: dict[str, list[list[float]]] = {}
+    for p in protocols:
+        results[p] = []
+        for i, (job, start) in enumerate(where[p]):
+            cs = encoded[p][1][i]
+            results[p].append([float(logprobs[job][start + c][list(counted(len(tok), p))].sum())
+                               for c, tok in enumerate(cs)])
     return results, n_tokens

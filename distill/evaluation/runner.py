@@ -31,7 +31,7 @@ from distill.evaluation.batching import model_device
 from distill.evaluation.cache import EvalCache, default_cache_dir, task_fingerprint
 from distill.evaluation.examples import Example, build_examples
 from distill.evaluation.generation import generate
-from distill.evaluation.loglik import PROTOCOLS, score_choices
+from distill.evaluation.loglik import PROTOCOLS, score_choices_protocols
 from distill.evaluation.meter import Meter
 from distill.evaluation.scorers import SCORERS
 from distill.evaluation.spec import TaskSpec, load_task
@@ -76,41 +76,80 @@ def load_entry(entry: ModelEntry, device: torch.device):
 def run_task(model, tokenizer, spec: TaskSpec, examples: list[Example], protocol: str = "competition",
              batch_size: int = 16) -> tuple[dict, list[dict]]:
     """Evaluate one loaded model on one task. Returns (metrics, per-example records)."""
+    if spec.kind == "multiple_choice":
+        return run_choice_tasks(model, tokenizer, [spec], examples, [protocol], batch_size)[0]
     prompts = [ex.prompt for ex in examples]
     bar = progress(total=len(examples), desc=f"eval {spec.name}", unit="examples")
     with Meter(model_device(model)) as meter:
-        if spec.kind == "multiple_choice":
-            scores, n_tokens = score_choices(model, tokenizer, prompts, [ex.choices for ex in examples], protocol,
-                                             batch_size, spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
-        else:
-            texts, n_tokens = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.stop, batch_size,
-                                       spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
+        texts, n_tokens = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.stop, batch_size,
+                                   spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
     bar.close()
     records = []
     for i, ex in enumerate(examples):
-        rec: dict[str, Any] = {"index": ex.index, "prompt": ex.prompt, "target": ex.target}
-        if spec.kind == "multiple_choice":
-            # max() keeps the first of equal scores, as torch.max did in the starter kit.
-            pred = max(range(len(ex.choices)), key=lambda c: scores[i][c])
-            rec.update(template=ex.template, choices=list(ex.choices), scores=scores[i], label=ex.label,
-                       pred_index=pred, prediction=ex.choices[pred], correct=pred == ex.label)
-        else:
-            prediction, correct = SCORERS[spec.kind](texts[i], ex.target)
-            rec.update(generated=texts[i], prediction=prediction, correct=bool(correct))
-        records.append(rec)
-    n = len(examples)
-    metrics: dict[str, Any] = {
+        prediction, correct = SCORERS[spec.kind](texts[i], ex.target)
+        records.append({"index": ex.index, "prompt": ex.prompt, "target": ex.target, "generated": texts[i],
+                        "prediction": prediction, "correct": bool(correct)})
+    return _metrics(spec, records, meter.wall_s, n_tokens, meter.peak_mem_mb), records
+
+
+def run_choice_tasks(model, tokenizer, specs: list[TaskSpec], examples: list[Example], protocols: list[str],
+                     batch_size: int = 16) -> list[tuple[dict, list[dict]]]:
+    """Multiple-choice tasks that are views of the same examples (same prompts, choices and prompt
+    tokenization; see `shared_views`), task i under protocols[i], in shared passes
+    (loglik.score_choices_protocols). Returns (metrics, records) per task. With several tasks, each
+    one's wall time is its share of the shared pass (the total over the tasks) and its metrics
+    name the others under `shared_pass_with`."""
+    spec = specs[0]
+    label = "+".join(s.name for s in specs)
+    bar = progress(total=len(examples), desc=f"eval {label}", unit="examples")
+    with Meter(model_device(model)) as meter:
+        scores, n_tokens = score_choices_protocols(
+            model, tokenizer, [ex.prompt for ex in examples], [ex.choices for ex in examples],
+            list(dict.fromkeys(protocols)), batch_size, spec.add_bos, spec.max_prompt_tokens, on_batch=bar.update)
+    bar.close()
+    out = []
+    for task, protocol in zip(specs, protocols):
+        records = []
+        for i, ex in enumerate(examples):
+            s = scores[protocol][i]
+            pred = max(range(len(ex.choices)), key=lambda c: s[c])  # the first of equal scores, as torch.max
+            records.append({"index": ex.index, "prompt": ex.prompt, "target": ex.target, "template": ex.template,
+                            "choices": list(ex.choices), "scores": s, "label": ex.label, "pred_index": pred,
+                            "prediction": ex.choices[pred], "correct": pred == ex.label})
+        share = len(specs)
+        metrics = _metrics(task, records, meter.wall_s / share, n_tokens / share, meter.peak_mem_mb)
+        metrics["protocol"] = protocol
+        if share > 1:
+            metrics["shared_pass_with"] = [s.name for s in specs if s is not task]
+        out.append((metrics, records))
+    return out
+
+
+def _metrics(spec: TaskSpec, records: list[dict], wall_s: float, n_tokens: float, peak_mem_mb: float) -> dict:
+    n = len(records)
+    return {
         "accuracy": sum(r["correct"] for r in records) / n,
         "n": n,
-        "wall_s": round(meter.wall_s, 3),
-        "examples_per_s": round(n / meter.wall_s, 3) if meter.wall_s > 0 else None,
-        "tokens_per_s": round(n_tokens / meter.wall_s, 1) if meter.wall_s > 0 else None,
-        "peak_mem_mb": round(meter.peak_mem_mb, 1),
+        "wall_s": round(wall_s, 3),
+        "examples_per_s": round(n / wall_s, 3) if wall_s > 0 else None,
+        "tokens_per_s": round(n_tokens / wall_s, 1) if wall_s > 0 else None,
+        "peak_mem_mb": round(peak_mem_mb, 1),
         "version": spec.version,
     }
-    if spec.kind == "multiple_choice":
-        metrics["protocol"] = protocol
-    return metrics, records
+
+
+def shared_views(specs: list[TaskSpec], examples: dict[str, list[Example]]) -> list[list[TaskSpec]]:
+    """Group multiple-choice tasks whose examples are the same prompts and choices, tokenized the
+    same way (add_bos, max_prompt_tokens): boolq and boolq_standard, say. Each group is scored in
+    shared passes; every other task is a group of its own. Order: each group at its first task."""
+    groups: dict[Any, list[TaskSpec]] = {}
+    for spec in specs:
+        key: Any = spec.name
+        if spec.kind == "multiple_choice":
+            key = (spec.add_bos, spec.max_prompt_tokens,
+                   tuple((ex.prompt, tuple(ex.choices)) for ex in examples[spec.name]))
+        groups.setdefault(key, []).append(spec)
+    return list(groups.values())
 
 
 def _safe(name: str) -> str:
@@ -191,13 +230,20 @@ def evaluate_models(models: list[ModelEntry], tasks: list[str], cfg, out_dir, de
         if len(hits) < len(specs):  # decided before loading: a fully cached model is never loaded
             model, tokenizer = load_entry(entry, device)
         scores[entry.name] = {}
+        # Views of the same examples under other protocols (boolq, boolq_standard) share their passes.
+        shared: dict[str, tuple[dict, list[dict]]] = {}
+        for group in shared_views([s for s in specs if s.name not in hits], examples):
+            if len(group) > 1:
+                shared.update(zip([s.name for s in group], run_choice_tasks(
+                    model, tokenizer, group, examples[group[0].name], [s.protocol_under(cfg.protocol) for s in group],
+                    cfg.batch_size)))
         for spec in specs:
             if spec.name in hits:
                 metrics, records = hits[spec.name]
                 metrics = {**metrics, "cached": True}
             else:
-                metrics, records = run_task(model, tokenizer, spec, examples[spec.name],
-                                            spec.protocol_under(cfg.protocol), cfg.batch_size)
+                metrics, records = shared.get(spec.name) or run_task(
+                    model, tokenizer, spec, examples[spec.name], spec.protocol_under(cfg.protocol), cfg.batch_size)
                 if spec.name in keys:
                     cache.put(keys[spec.name], metrics, records)
             write_predictions(out_dir / _safe(entry.name) / f"{spec.name}.predictions.jsonl", records)

@@ -1,0 +1,126 @@
+"""Ablations of the demo's merge-initialised student (recipes/demo.yaml), one variant per row.
+
+    python bench/demo_ablation.py                       # every variant below
+    python bench/demo_ablation.py --only lr1e-4,t2      # some of them
+    python bench/demo_ablation.py --list
+
+Run scripts/demo.sh first: each variant reuses its teacher cache (runs/demo/cache, unless a
+variant changes the calibration data, which makes a cache of its own) and the evaluation cache
+(base, experts and merges are not scored again). Per variant, through the same CLI users run:
+
+    distill cache recipes/demo.yaml run_dir=runs/ablation/<name> cache.dir=<cache> <overrides>
+    distill train recipes/demo.yaml run_dir=runs/ablation/<name> cache.dir=<cache> <overrides>
+    distill eval  recipes/demo.yaml run_dir=runs/ablation/<name> eval.teachers=false <...>
+
+The evaluation is the demo's own (same tasks, subsets, protocols); only training settings vary.
+Prints one markdown table (and writes runs/ablation/ablation.md): each variant's scores, its
+mean over the two skills, its paired difference to the best merge on the mean with the 95%
+interval, and the gain it keeps of each expert's gain over the base. Variants run one after
+another, so time figures are comparable within one run of this script only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "demo.yaml"
+DEMO = ROOT / "runs" / "demo"
+
+# name -> overrides of recipes/demo.yaml. "demo" is the recipe as shipped.
+VARIANTS: dict[str, list[str]] = {
+    "demo": [],
+}
+
+
+def _cli(*args: str) -> float:
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "distill", *args], cwd=ROOT, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        sys.exit(f"demo_ablation: `distill {' '.join(args)}` failed:\n{proc.stderr[-2000:]}")
+    return time.time() - start
+
+
+def _data_changed(overrides: list[str]) -> bool:
+    return any(o.startswith(("data.", "cache.")) for o in overrides)
+
+
+def run_variant(name: str, overrides: list[str], out: Path) -> dict:
+    run = out / name
+    cache = run / "cache" if _data_changed(overrides) else DEMO / "cache"
+    common = [f"run_dir={run}", f"cache.dir={cache}", *overrides]
+    if cache != DEMO / "cache":
+        _cli("cache", str(RECIPE), *common)
+    elif not (cache / "manifest.json").exists():
+        sys.exit(f"demo_ablation: no demo cache at {cache}; run scripts/demo.sh first")
+    train_s = _cli("train", str(RECIPE), *common)
+    # The demo's comparison models (base, merges), without other runs' students.
+    _cli("eval", str(RECIPE), *common, "eval.teachers=false", f"eval.models={json.dumps(_recipe_models())}")
+    report = json.loads((run / "report.json").read_text())
+    return {"name": name, "overrides": overrides, "train_s": train_s, "report": report}
+
+
+def _recipe_models() -> list[dict]:
+    """The recipe's eval.models minus `student_*` entries (other runs' students)."""
+    import yaml
+
+    models = yaml.safe_load(RECIPE.read_text())["eval"]["models"]
+    return [m for m in models if not m["name"].startswith("student_")]
+
+
+def _row(v: dict) -> str:
+    r = v["report"]
+    s = r["scores"]["student"]
+    vs = r["vs_best_merge"].get("student", {}).get("mean")
+    ret = r["retention_by_student"].get("student", {})
+    gains = " | ".join(f"{100 * x['gain_kept']:.0f}%" if x.get("gain_kept") is not None else "-"
+                       for x in (ret.get(e, {}) for e in ("math", "boolq")))
+    cells = " | ".join(f"{s[t]:.3f}" if t in s else "-" for t in r["tasks"])
+    diff = f"{vs['diff']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}]" if vs else "-"
+    over = " ".join(f"`{o}`" for o in v["overrides"]) or "(as shipped)"
+    return f"| {v['name']} | {over} | {v['train_s']:.0f} | {cells} | {r['mean']['student']:.3f} | {diff} | {gains} |"
+
+
+def table(done: list[dict]) -> str:
+    r = done[0]["report"]
+    best = r["best_merge"]
+    head = [f"Best merge: {best}, mean {r['mean'][best]:.3f} over {', '.join(r['mean_tasks'])}; "
+            f"n per task: {', '.join(f'{t} {r['n']['student'][t]}' for t in r['tasks'])}.", "",
+            "| variant | overrides | train s | " + " | ".join(r["tasks"]) + " | mean | student - best merge (mean) "
+            "| gain kept: math | gain kept: boolq |", "|---|---|---:|" + "---:|" * len(r["tasks"]) + "---:|---|---:|---:|"]
+    return "\n".join(head + [_row(v) for v in done]) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, over in VARIANTS.items():
+            print(f"{name}: {' '.join(over) or '(as shipped)'}")
+        return 0
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"demo_ablation: unknown variant(s) {', '.join(unknown)} (see --list)")
+    done = []
+    for name in names:
+        done.append(run_variant(name, VARIANTS[name], args.out))
+        print(f"{name}: done", flush=True)
+    text = table(done)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ablation.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
