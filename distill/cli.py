@@ -70,13 +70,15 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
         return 0
     if getattr(args, "no_eval_cache", False):
         args.overrides.append("eval.cache=false")  # one switch, recorded in the resolved recipe
+    from distill.progress import quiet_library_bars
+
+    # "Loading weights" bars are hundreds of redraws in a log file; so is the GGUF conversion
+    # that loading a recipe naming {smollm2} may run
+    quiet_library_bars()
     recipe = stages.load(args.recipe, args.overrides)
     if args.stage == "validate":
         stages.show(recipe, args.recipe, args.overrides)
         return 0
-    from distill.progress import quiet_library_bars
-
-    quiet_library_bars()  # "Loading weights" bars are hundreds of redraws in a log file
     state = partial_state()
     main = state is None or state.is_main_process
     log = print if main else (lambda *a, **k: None)

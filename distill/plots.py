@@ -81,8 +81,8 @@ def scores_plot(scores: dict[str, dict[str, tuple[float, float, float]]], out: P
                 acc, low, high = scores[model][task]
                 xs.append(t - 0.4 + (m + 0.5) * width)
                 ys.append(acc)
-                err[0].append(acc - low)
-                err[1].append(high - acc)
+                err[0].append(max(acc - low, 0.0))
+                err[1].append(max(high - acc, 0.0))
         ax.bar(xs, ys, width * 0.92, yerr=err, capsize=3, label=model, error_kw={"linewidth": 1})
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylim(0, 1.05)

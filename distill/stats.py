@@ -24,7 +24,9 @@ def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # It contains p in exact arithmetic; at 0/n and n/n rounding can put an end a hair past p
+    # (0.0 against 1e-18), which a bar plot's whiskers refuse as a negative length.
+    return min(max(0.0, centre - half), p), max(min(1.0, centre + half), p)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) -> dict:

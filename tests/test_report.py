@@ -28,6 +28,20 @@ def test_wilson_hand_computed():
     assert stats.wilson(10, 10) == pytest.approx((1 - 0.27753, 1.0), abs=1e-4)  # symmetric
     with pytest.raises(ValueError):
         stats.wilson(0, 0)
+    # The interval holds the accuracy itself, to the last bit (0/100 gave low 1e-18 > 0 once,
+    # and the scores plot refused the negative whisker).
+    for n in (1, 7, 100, 237, 1000):
+        for c in range(n + 1):
+            low, high = stats.wilson(c, n)
+            assert 0.0 <= low <= c / n <= high <= 1.0, (c, n)
+
+
+def test_scores_plot_draws_zero_and_perfect_accuracies(tmp_path):
+    from distill import plots
+
+    cells = {m: {"t": (c / 100, *stats.wilson(c, 100))} for m, c in (("zero", 0), ("all", 100), ("some", 37))}
+    out = plots.scores_plot(cells, tmp_path / "s.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_paired_difference_hand_computed():
