@@ -1,7 +1,7 @@
 """The synthetic consolidation experiment, end to end, one command (from the repository root):
 
-    .venv/bin/python experiments/synthetic/run.py                   # seeds 0, 1, 2: ~3 min on 2 cores
-    .venv/bin/python experiments/synthetic/run.py --seeds 0         # one seed: ~1 min
+    .venv/bin/python experiments/synthetic/run.py                   # seeds 0, 1, 2: 1-2 min a seed on 2 cores
+    .venv/bin/python experiments/synthetic/run.py --seeds 0         # one seed
     .venv/bin/python experiments/synthetic/run.py --run-dir runs/x train.online_teachers=true
 
 For each seed N it builds the toy world (toy.py: tiny base, two experts, data) under
