@@ -32,12 +32,19 @@ RECIPE = HERE / "recipe.yaml"
 MIN_GAIN, MIN_RETENTION = 0.3, 0.9
 
 
+def distill(stage: str, run_dir: Path, seed: int, overrides: list[str], **kw) -> subprocess.CompletedProcess:
+    """`python -m distill STAGE recipe.yaml run_dir=... seed=... overrides` (cwd: this checkout's distill)."""
+    cmd = [sys.executable, "-m", "distill", stage, str(RECIPE), f"run_dir={run_dir}", f"seed={seed}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, **kw)
+
+
 def run_seed(run_dir: Path, seed: int, overrides: list[str]) -> dict:
     """Build the toy world for `seed`, `distill run` the recipe on it; returns its report.json."""
     prepare(run_dir / "models", ToyConfig(), seed)
-    cmd = [sys.executable, "-m", "distill", "run", str(RECIPE), f"run_dir={run_dir}", f"seed={seed}", *overrides]
-    print(f"synthetic: {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)  # cwd: `-m distill` imports this checkout's distill
+    print(f"synthetic: distill run {RECIPE.relative_to(ROOT)} run_dir={run_dir} seed={seed} {' '.join(overrides)}",
+          flush=True)
+    if distill("run", run_dir, seed, overrides).returncode:
+        raise SystemExit(f"synthetic: distill run failed for seed {seed}")
     return json.loads((run_dir / "report.json").read_text())
 
 
@@ -56,7 +63,8 @@ def misses(row: dict) -> list[str]:
         if c["expert"] < c["base"] + MIN_GAIN:
             out.append(f"{c['expert_name']} {c['expert']:.3f} on {task} is not >= base {c['base']:.3f} + {MIN_GAIN}")
         if c["retention"] is None or c["retention"] < MIN_RETENTION:
-            out.append(f"student keeps {c['retention']} of {c['expert_name']} on {task}, not >= {MIN_RETENTION}")
+            out.append(f"student keeps {_fmt(c['retention'], 'retention')} of {c['expert_name']} on {task}, "
+                       f"not >= {100 * MIN_RETENTION:.0f}%")
     return out
 
 
@@ -87,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="recipe overrides (key.sub=value), passed to distill run")
     args = p.parse_args(argv)
     run_dir, seeds = args.run_dir.resolve(), [int(s) for s in args.seeds.split(",")]
+    # A bad override fails here in seconds, not after the first toy world is built.
+    check = distill("validate", run_dir / f"seed-{seeds[0]}", seeds[0], args.overrides, capture_output=True, text=True)
+    if check.returncode:
+        sys.stderr.write(check.stderr)
+        return check.returncode
     rows, times, failed = {}, {}, {}
     for seed in seeds:
         start = time.time()
