@@ -80,7 +80,7 @@ def tiny_teacher(folder: Path) -> Path:
     hidden 64: bitsandbytes' 4-bit CPU kernels need in_features a multiple of 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill.synthetic import build_tokenizer
+    from experiments.synthetic.toy import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -84,7 +84,7 @@ GSM8K = ROOT / "bench" / "data" / "gsm8k" / "train.jsonl"
 
 def tokenizer_for(args):
     if args.tiny:
-        from distill.synthetic import build_tokenizer
+        from experiments.synthetic.toy import build_tokenizer
 
         return build_tokenizer()
     from distill.smollm import smollm2_path

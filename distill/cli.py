@@ -6,7 +6,7 @@
     distill train    RECIPE [overrides] [--resume]  distil into the student (also under accelerate launch)
     distill eval     RECIPE [overrides] [--harness TASK,...] [--no-eval-cache]
     distill publish  RECIPE [overrides] [--dry-run] push the student + model card to the Hub
-    distill run      RECIPE [overrides]             every stage in turn (synthetic models first if the recipe has them)
+    distill run      RECIPE [overrides]             every stage in turn: cache, train, eval (publish if asked)
     distill import-gguf FILE OUT [--dtype D] [--force]  a GGUF causal LM as a safetensors model folder
 
 A user mistake prints one line, `distill: error: ...`, and exits with status 2.

@@ -259,23 +259,6 @@ class PublishConfig:
 
 
 @dataclass
-class SyntheticConfig:
-    """The synthetic consolidation experiment: build a tiny base and two experts first."""
-
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    digits: int = 2  # addition operands have up to this many digits
-    reverse_len: int = 5  # reversal strings have up to this many letters
-    base_steps: int = 150
-    expert_steps: int = 700
-    batch_size: int = 64
-    lr: float = 3e-3
-    calib_samples: int = 2048  # calibration prompts (half per skill)
-    eval_samples: int = 200  # held-out eval prompts per skill
-
-
-@dataclass
 class Recipe:
     name: str
     teachers: list[TeacherConfig]
@@ -291,7 +274,6 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
-    synthetic: Optional[SyntheticConfig] = None
 
 
 # ---------------------------------------------------------------- overrides
@@ -415,8 +397,6 @@ def validate(r: Recipe) -> None:
     _validate_loss(r)
     _validate_train(r)
     _validate_eval(r, names)
-    if r.synthetic is not None:
-        _validate_synthetic(r.synthetic)
 
 
 def _validate_teachers(r: Recipe) -> set[str]:
@@ -562,15 +542,6 @@ def _validate_eval(r: Recipe, names: set[str]) -> None:
                  f"task {task!r} is not in eval.tasks")
     if r.publish.push:
         _require(bool(r.publish.repo_id), "publish.repo_id", "required when publish.push is true")
-
-
-def _validate_synthetic(s: SyntheticConfig) -> None:
-    _require(0 < s.hidden_size <= 128, "synthetic.hidden_size", "must be in 1..128")
-    for k in ("layers", "heads", "digits", "reverse_len", "base_steps", "expert_steps",
-              "batch_size", "calib_samples", "eval_samples"):
-        _require(getattr(s, k) > 0, f"synthetic.{k}", f"must be > 0, got {getattr(s, k)}")
-    _require(s.hidden_size % s.heads == 0, "synthetic.heads", "must divide synthetic.hidden_size")
-    _require(s.lr > 0, "synthetic.lr", "must be > 0")
 
 
 def _validate_merge(r: Recipe, m: MergeConfig, key: str) -> None:

@@ -1,7 +1,6 @@
 """The stages behind the CLI. Each reads and writes only the run directory.
 
     <run>/recipe.resolved.yaml    the recipe as run (overrides applied, placeholders filled)
-    <run>/synthetic/              models and data of the synthetic experiment (if any)
     <run>/cache/                  teacher cache (see distill/cache/store.py)
     <run>/checkpoints/step-*/     training checkpoints; <run>/student/ the trained student
     <run>/train_log.jsonl, <run>/train_result.json
@@ -113,18 +112,10 @@ def verify_cache(path: str) -> None:
           f"{m['data']['targets']} target tokens x {len(m['teachers'])} teachers, all sha256 match)")
 
 
-def synthetic(recipe: Recipe, log=print) -> None:
-    if recipe.synthetic is not None:
-        from distill.synthetic import prepare
-
-        prepare(recipe, log=log)
-
-
 def cache(recipe: Recipe, state=None, log=print):
     from distill.cache.capture import run_capture
 
     started = time.time()
-    synthetic(recipe, log)
     report = run_capture(recipe, state)
     record_time(recipe, "cache", started)
     total = report.forward_s + report.encode_s + report.write_s

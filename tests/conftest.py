@@ -48,7 +48,7 @@ def _tiny(path: Path, seed: int, tok, hidden: int = 32, vocab_size: int | None =
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:
     """A char tokenizer, a base and two differently-initialised teachers, calibration data."""
-    from distill.synthetic import build_tokenizer
+    from experiments.synthetic.toy import build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     tok = build_tokenizer()

@@ -30,7 +30,7 @@ SOFTCAP = 8.0  # Gemma 2's final_logit_softcapping (30 in the real models)
 LOGIT_SCALE = 0.25  # Cohere's logit_scale (0.0625 in Command-R)
 ENTROPY = 1.5  # nats: mean entropy of each model's next-token distributions after `build` (uniform: 3.7)
 HIDDEN, HEADS, KV_HEADS = 32, 4, 2
-SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # distill.synthetic.build_tokenizer's ids
+SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # experiments/synthetic/toy.py build_tokenizer's ids
 
 
 def family_config(family: str, vocab_size: int):

@@ -48,7 +48,7 @@ def _rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def fam_world(tmp_path_factory) -> dict:
     """The char tokenizer, one calibration file, and two tiny eval tasks (generation, multiple choice)."""
-    from distill.synthetic import build_tokenizer
+    from experiments.synthetic.toy import build_tokenizer
 
     root = tmp_path_factory.mktemp("families")
     rows = _rows()

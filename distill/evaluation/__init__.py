@@ -1,7 +1,7 @@
 """`distill eval`: score models on the LLM-Merging competition's validation tasks.
 
 Tasks are data (eval/tasks/*.yaml, see docs/eval.md); each kind has one small
-scorer. The public API, used by the CLI and the synthetic experiment:
+scorer. The public API, used by the CLI's eval stage (distill/stages.py):
 
     from distill.evaluation import ModelEntry, load_task, evaluate_models, run_harness
 

@@ -1,0 +1,1 @@
+"""The synthetic consolidation experiment (see README.md in this folder)."""
