@@ -234,16 +234,21 @@ def evaluate_models(models: list[ModelEntry], tasks: list[str], cfg, out_dir, de
         shared: dict[str, tuple[dict, list[dict]]] = {}
         for group in shared_views([s for s in specs if s.name not in hits], examples):
             if len(group) > 1:
-                shared.update(zip([s.name for s in group], run_choice_tasks(
-                    model, tokenizer, group, examples[group[0].name], [s.protocol_under(cfg.protocol) for s in group],
-                    cfg.batch_size)))
+                results = run_choice_tasks(model, tokenizer, group, examples[group[0].name],
+                                           [s.protocol_under(cfg.protocol) for s in group], cfg.batch_size)
+                for s, (metrics, records) in zip(group, results):
+                    shared[s.name] = metrics, records
+                    if s.name in keys:  # at once: an interrupted run keeps what it finished
+                        cache.put(keys[s.name], metrics, records)
         for spec in specs:
             if spec.name in hits:
                 metrics, records = hits[spec.name]
                 metrics = {**metrics, "cached": True}
+            elif spec.name in shared:
+                metrics, records = shared[spec.name]
             else:
-                metrics, records = shared.get(spec.name) or run_task(
-                    model, tokenizer, spec, examples[spec.name], spec.protocol_under(cfg.protocol), cfg.batch_size)
+                metrics, records = run_task(model, tokenizer, spec, examples[spec.name],
+                                            spec.protocol_under(cfg.protocol), cfg.batch_size)
                 if spec.name in keys:
                     cache.put(keys[spec.name], metrics, records)
             write_predictions(out_dir / _safe(entry.name) / f"{spec.name}.predictions.jsonl", records)
