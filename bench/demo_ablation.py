@@ -1,7 +1,7 @@
 """Ablations of the demo's merge-initialised student (recipes/demo.yaml), one variant per row.
 
     python bench/demo_ablation.py                       # every variant below
-    python bench/demo_ablation.py --only lr1e-4,t2      # some of them
+    python bench/demo_ablation.py --only seed1,t2       # some of them
     python bench/demo_ablation.py --list
 
 Run scripts/demo.sh first: each variant reuses its teacher cache (runs/demo/cache, unless a
@@ -34,6 +34,8 @@ DEMO = ROOT / "runs" / "demo"
 # name -> overrides of recipes/demo.yaml. "demo" is the recipe as shipped.
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
+    "seed1": ["seed=1"],                               # the same recipe, another batch order (train seed)
+    "seed2": ["seed=2"],
     "lr2e-4": ["train.lr=2.0e-4"],                     # a larger step: 28 steps may be too few at 5e-5
     "epochs3": ["train.epochs=3"],                     # the same calibration, three passes
     "t2": ["loss.temperature=2.0"],                    # softer teacher and student distributions
