@@ -5,7 +5,8 @@
     distill cache verify CACHE_DIR_OR_RUN_DIR       check every shard's sha256
     distill train    RECIPE [overrides] [--resume]  distil into the student (also under accelerate launch)
     distill eval     RECIPE [overrides] [--harness TASK,...] [--no-eval-cache]
-    distill publish  RECIPE [overrides] [--dry-run] push the student + model card to the Hub
+    distill publish  RECIPE_OR_RUN [overrides] [--format merged|adapter] [--dry-run]
+                                                    write <run>/publish/ (model folder + card), push it to the Hub
     distill run      RECIPE [overrides]             every stage in turn: cache, train, eval (publish if asked)
     distill import-gguf FILE OUT [--dtype D] [--force]  a GGUF causal LM as a safetensors model folder
 
@@ -18,6 +19,7 @@ import argparse
 import errno
 import sys
 import time
+from pathlib import Path
 
 from distill.distributed import partial_state
 from distill.errors import DistillError
@@ -31,10 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     helps = {"validate": "check a recipe and print it resolved", "cache": "capture the teachers' top-k",
              "train": "train the student from the cache", "eval": "evaluate student, teachers, baselines",
-             "publish": "push the student to the Hub with a model card", "run": "all stages in turn"}
+             "publish": "write the model folder + card, push it to the Hub", "run": "all stages in turn"}
     for name in STAGES:
         sp = sub.add_parser(name, help=helps[name])
-        sp.add_argument("recipe", help="recipe YAML (or, for `cache verify`, the word verify)")
+        sp.add_argument("recipe", help="recipe YAML (or, for `cache verify`, the word verify; "
+                        "for publish, a run directory)")
         sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         if name in ("train", "run"):
             sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -44,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--no-eval-cache", action="store_true",
                             help="score every model again (same as eval.cache=false)")
         if name in ("publish", "run"):
-            sp.add_argument("--dry-run", action="store_true", help="write the model card, push nothing")
+            sp.add_argument("--dry-run", action="store_true", help="write <run>/publish/, push nothing")
+        if name == "publish":
+            sp.add_argument("--format", choices=("merged", "adapter"), default=None,
+                            help="full model, or a LoRA student's adapter alone (same as publish.format=...)")
     sp = sub.add_parser("import-gguf", help="convert a GGUF causal LM into a safetensors model folder")
     sp.add_argument("file", help="the .gguf file")
     sp.add_argument("out", help="the model folder to write (must not exist, or be empty)")
@@ -70,6 +76,13 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
         return 0
     if getattr(args, "no_eval_cache", False):
         args.overrides.append("eval.cache=false")  # one switch, recorded in the resolved recipe
+    if getattr(args, "format", None):
+        args.overrides.append(f"publish.format={args.format}")
+    if args.stage == "publish" and Path(args.recipe).is_dir():  # a run directory: the recipe it was made with
+        resolved = Path(args.recipe) / "recipe.resolved.yaml"
+        if not resolved.is_file():
+            raise DistillError(f"publish: {args.recipe} is a folder without recipe.resolved.yaml (not a run directory)")
+        args.recipe = str(resolved)
     from distill.progress import quiet_library_bars
 
     # "Loading weights" bars are hundreds of redraws in a log file; so is the GGUF conversion

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -253,9 +254,19 @@ class WandbConfig:
 
 @dataclass
 class PublishConfig:
-    repo_id: Optional[str] = None
-    private: bool = True
-    push: bool = False  # publish only when asked
+    """`distill publish` (distill/publish.py): the model folder <run>/publish/ and where it is pushed."""
+
+    repo_id: Optional[str] = None  # Hub model repo, `owner/name` (or `name`: under the token's own user)
+    private: bool = True  # a repo created by the push is private; an existing repo keeps its visibility
+    push: bool = False  # publish only when asked: `distill run` pushes only with push: true
+    revision: Optional[str] = None  # branch to push to, created from main if missing; null: main
+    commit_message: Optional[str] = None  # null: "distill: <recipe name>"
+    # merged: a full model folder (a LoRA student merged into its base, as `distill train` saves it);
+    # adapter: a LoRA student's adapter alone, for peft over student.model (named as the card's base_model)
+    format: Literal["merged", "adapter"] = "merged"
+    # A Hub licence id (apache-2.0, mit, llama3.1, other, ...) for the card; null: derived from the
+    # student's base and the teachers (see distill/model_card.py, `licence`)
+    license: Optional[str] = None
 
 
 @dataclass
@@ -397,6 +408,7 @@ def validate(r: Recipe) -> None:
     _validate_loss(r)
     _validate_train(r)
     _validate_eval(r, names)
+    _validate_publish(r)
 
 
 def _validate_teachers(r: Recipe) -> set[str]:
@@ -540,8 +552,33 @@ def _validate_eval(r: Recipe, names: set[str]) -> None:
         _require(tname in names, f"eval.skills.{tname}", "not a teacher name")
         _require(task in {Path(x).stem for x in e.tasks} | set(e.tasks), f"eval.skills.{tname}",
                  f"task {task!r} is not in eval.tasks")
-    if r.publish.push:
-        _require(bool(r.publish.repo_id), "publish.repo_id", "required when publish.push is true")
+
+
+_BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+_LICENCE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def _validate_publish(r: Recipe) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # offline: a pattern check
+
+    p = r.publish
+    _require(not p.push or bool(p.repo_id), "publish.repo_id", "required when publish.push is true")
+    if p.repo_id is not None:
+        try:
+            validate_repo_id(p.repo_id)
+        except HFValidationError:
+            raise ConfigError("publish.repo_id", f"{p.repo_id!r} is not a Hub repo id (owner/name: letters, digits, "
+                              "'-', '_', '.'; no '--' or '..'; at most 96 characters each)") from None
+    if p.revision is not None:
+        # git's ref rules, narrowed: a branch to create or push to (refs/pr/N and tags are not pushed to)
+        _require(bool(_BRANCH.fullmatch(p.revision)) and ".." not in p.revision
+                 and not p.revision.endswith(("/", ".lock")) and not p.revision.startswith("refs/"), "publish.revision",
+                 f"{p.revision!r} is not a branch name (letters, digits, '.', '_', '-', '/')")
+    _require(p.commit_message is None or bool(p.commit_message.strip()), "publish.commit_message", "must not be empty")
+    _require(p.format != "adapter" or r.student.lora is not None, "publish.format",
+             "adapter needs a LoRA student (student.lora); a full student is published merged")
+    _require(p.license is None or bool(_LICENCE.fullmatch(p.license)), "publish.license",
+             f"{p.license!r} is not a Hub licence id (lowercase, e.g. apache-2.0, mit, other)")
 
 
 def _validate_merge(r: Recipe, m: MergeConfig, key: str) -> None:

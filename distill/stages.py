@@ -9,6 +9,7 @@
                                   harness/<model>/ (lm-eval tasks: harness.json, <task>.predictions.jsonl)
     <run>/timings.json            {stage: {wall_s, finished}}: each stage's wall time, its last run
     <run>/report.md, report.json  the run's summary table; <run>/plots/*.png its figures
+    <run>/publish/                what `distill publish` pushes: model folder + README.md model card
 """
 
 from __future__ import annotations
