@@ -92,8 +92,13 @@ def _plan(args: argparse.Namespace) -> int:
     if args.measure:
         from distill.plan.measure import measure
 
-        rates, measured = measure(args.recipe, args.overrides, args.gpu, args.config_dir,
-                                  log=(lambda *a, **k: print(*a, file=sys.stderr, **k)))
+        import contextlib
+
+        # the stages' libraries print to stdout (DeepSpeed's accelerator notice, progress lines):
+        # keep stdout for the plan alone, so `--json > plan.json` stays a JSON file
+        with contextlib.redirect_stdout(sys.stderr):
+            rates, measured = measure(args.recipe, args.overrides, args.gpu, args.config_dir,
+                                      log=(lambda *a, **k: print(*a, file=sys.stderr, **k)))
     plan = make_plan(recipe, args.gpu, args.minutes, gpus=args.gpus, zero=args.zero, config_dir=args.config_dir,
                      rates=rates)
     plan["measured"] = measured

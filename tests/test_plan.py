@@ -153,7 +153,7 @@ def test_measure_on_cpu_replaces_the_rates(tiny_world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", str(path), "--gpu", "cpu", "--minutes", "5", "--measure", "--json"])
     assert e.value.code == 0
-    plan = json.loads(capsys.readouterr().out)
+    plan = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
     r, m = plan["rates"], plan["measured"]
     assert r["source"] == "measured" and r["forward_flops"] > 0 and r["train_flops"] > 0
     assert m["capture"]["forward_s"] > 0 and len(m["train"]["step_s"]) == 4 and all(x > 0 for x in m["train"]["step_s"])
