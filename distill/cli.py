@@ -7,7 +7,9 @@
     distill eval     RECIPE [overrides] [--harness TASK,...] [--no-eval-cache]
     distill publish  RECIPE_OR_RUN [overrides] [--format merged|adapter] [--dry-run]
                                                     write <run>/publish/ (model folder + card), push it to the Hub
-    distill run      RECIPE [overrides]             every stage in turn: cache, train, eval (publish if asked)
+    distill run      RECIPE [overrides] [--plan PLAN.json]  every stage in turn: cache, train, eval (publish if asked)
+    distill plan     RECIPE --gpu NAME --minutes M [--gpus N] [--zero S] [--config-dir D] [--json] [--measure]
+                                                    time, disk and memory per stage before spending any
     distill import-gguf FILE OUT [--dtype D] [--force]  a GGUF causal LM as a safetensors model folder
 
 A user mistake prints one line, `distill: error: ...`, and exits with status 2.
@@ -51,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "publish":
             sp.add_argument("--format", choices=("merged", "adapter"), default=None,
                             help="full model, or a LoRA student's adapter alone (same as publish.format=...)")
+        if name in ("cache", "train", "run"):
+            sp.add_argument("--plan", default=None, metavar="PLAN.json",
+                            help="apply a `distill plan --json` file's overrides (data rows, steps, budget)")
+    _plan_parser(sub)
     sp = sub.add_parser("import-gguf", help="convert a GGUF causal LM into a safetensors model folder")
     sp.add_argument("file", help="the .gguf file")
     sp.add_argument("out", help="the model folder to write (must not exist, or be empty)")
@@ -58,6 +64,72 @@ def _parser() -> argparse.ArgumentParser:
                     help="weights' dtype; auto: the file's own float type, float32 for quantized blocks")
     sp.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
     return p
+
+
+def _plan_parser(sub) -> None:
+    sp = sub.add_parser("plan", help="estimate time, disk and memory per stage on given hardware")
+    sp.add_argument("recipe", help="recipe YAML")
+    sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    sp.add_argument("--gpu", required=True, help="hardware name from the table (a6000, a100-80, h100, ..., cpu)")
+    sp.add_argument("--minutes", required=True, type=float, help="the whole budget, evaluation included")
+    sp.add_argument("--gpus", type=int, default=1, help="devices (data-parallel); default 1")
+    sp.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
+                    help="DeepSpeed ZeRO stage (0: plain accelerate / DDP)")
+    sp.add_argument("--config-dir", default=None,
+                    help="folder mirroring Hub ids (DIR/org/name/config.json, adapter_config.json) to plan offline")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON (the file --plan reads)")
+    sp.add_argument("--measure", action="store_true",
+                    help="run a few real capture batches and training steps here and use the measured rates")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from distill import stages
+    from distill.plan import make_plan
+    from distill.plan.gpus import get_hardware
+    from distill.plan.report import render
+
+    get_hardware(args.gpu)  # a bad name fails before any work
+    if args.minutes <= 0 or args.gpus < 1:
+        raise DistillError("--minutes must be > 0 and --gpus >= 1")
+    recipe = stages.load(args.recipe, args.overrides)
+    rates, measured = None, None
+    if args.measure:
+        from distill.plan.measure import measure
+
+        import contextlib
+
+        # the stages' libraries print to stdout (DeepSpeed's accelerator notice, progress lines):
+        # keep stdout for the plan alone, so `--json > plan.json` stays a JSON file
+        with contextlib.redirect_stdout(sys.stderr):
+            rates, measured = measure(args.recipe, args.overrides, args.gpu, args.config_dir,
+                                      log=(lambda *a, **k: print(*a, file=sys.stderr, **k)))
+    plan = make_plan(recipe, args.gpu, args.minutes, gpus=args.gpus, zero=args.zero, config_dir=args.config_dir,
+                     rates=rates)
+    plan["measured"] = measured
+    print(json.dumps(plan, indent=1) if args.json else render(plan))
+    return 0
+
+
+def plan_overrides(path: str, recipe_path: str) -> list[str]:
+    """The overrides a `distill plan --json` file proposes (checked to be a plan of this recipe)."""
+    import json
+
+    import yaml
+
+    from distill.plan import FORMAT
+
+    try:
+        plan = json.loads(open(path).read())
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"--plan {path}: not a readable plan file ({str(exc)[:100]})") from None
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise DistillError(f"--plan {path}: not a `distill plan --json` file (format {FORMAT})")
+    name = (yaml.safe_load(open(recipe_path).read()) or {}).get("name")
+    if plan.get("recipe") != name:
+        raise DistillError(f"--plan {path}: a plan of recipe {plan.get('recipe')!r}, not of {name!r}")
+    return list(plan["budget"]["overrides"])
 
 
 def dispatch(args: argparse.Namespace, start: float) -> int:
@@ -74,6 +146,10 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
             raise DistillError("usage: distill cache verify CACHE_DIR_OR_RUN_DIR")
         stages.verify_cache(args.overrides[0])
         return 0
+    if args.stage == "plan":
+        return _plan(args)
+    if getattr(args, "plan", None):  # the plan's overrides first: the user's own win over them
+        args.overrides[:0] = plan_overrides(args.plan, args.recipe)
     if getattr(args, "no_eval_cache", False):
         args.overrides.append("eval.cache=false")  # one switch, recorded in the resolved recipe
     if getattr(args, "format", None):

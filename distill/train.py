@@ -262,7 +262,7 @@ def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) ->
 
 @dataclass
 class Setup:
-    """What the loop needs, built once by `_setup`."""
+    """What the loop needs, built once by `setup_training`."""
 
     acc: object
     tok: object
@@ -286,7 +286,8 @@ def build_teachers(recipe: Recipe, reader: CacheReader, codec, device) -> Teache
     return Teachers(sources, recipe.teachers, reader.domains, recipe.loss.weighting)
 
 
-def _setup(recipe: Recipe, log) -> Setup:
+def setup_training(recipe: Recipe, log) -> Setup:
+    """Everything the loop needs (the trainer's, and `distill plan --measure`'s few real steps)."""
     t = recipe.train
     acc = build_accelerator(recipe)
     torch.manual_seed(recipe.seed)
@@ -352,7 +353,7 @@ def _resume(acc, ckpt_root: Path, log) -> tuple[int, int, int]:
     return st["step"], st["micro"], st["tokens"]
 
 
-def _loader(recipe: Recipe, s: Setup, micro: int, log):
+def micro_batch_iter(recipe: Recipe, s: Setup, micro: int, log):
     """Micro-batches of this rank from micro-batch `micro` on, in plan order."""
     t = recipe.train
     cuda = s.acc.device.type == "cuda"
@@ -382,10 +383,10 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = run_dir / "checkpoints"
-    s = _setup(recipe, log)
+    s = setup_training(recipe, log)
     acc = s.acc
     pos = _resume(acc, ckpt_root, log) if resume else (0, 0, 0)
-    micro_batches = _loader(recipe, s, pos[1], log)
+    micro_batches = micro_batch_iter(recipe, s, pos[1], log)
     _init_trackers(acc, recipe, run_dir)
     history = run_dir / "train_log.jsonl"
     if resume and acc.is_main_process:
@@ -395,9 +396,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     step, micro, tokens_seen, stopped_by, last_loss = _loop(recipe, s, micro_batches, pos, budget, ckpt_root,
                                                             history)
     del micro_batches  # stops the loader workers before the saves
-    final_ckpt = _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen},
-                                  recipe.train.keep_last)
-    _save_student(acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
+    final_ckpt = save_final(recipe, s, step, micro, tokens_seen)
     wall = time.time() - start
     result = TrainResult(step, s.planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
                          str(final_ckpt), *s.padding)
@@ -407,6 +406,21 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
             f"), {tokens_seen} target tokens, {wall:.1f}s; student saved to {run_dir / 'student'}")
     acc.end_training()
     return result
+
+
+def save_final(recipe: Recipe, s: Setup, step: int, micro: int, tokens_seen: int) -> Path:
+    """The final checkpoint, then the loadable student from it; returns the checkpoint."""
+    run_dir = Path(recipe.run_dir)
+    final_ckpt = _save_checkpoint(s.acc, run_dir / "checkpoints", step,
+                                  {"step": step, "micro": micro, "tokens": tokens_seen}, recipe.train.keep_last)
+    _save_student(s.acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
+    return final_ckpt
+
+
+def step_norm(s: Setup, micro: int, grad_accum: int) -> int:
+    """Target tokens of the optimizer step starting at global micro-batch `micro`, over micro-batches and
+    ranks: the same number on every rank, known before the step, so the loss is normalised once."""
+    return sum(int(s.targets[s.plans.batch(m)].sum()) for m in range(micro, micro + grad_accum))
 
 
 def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], budget: Budget, ckpt_root: Path,
@@ -422,9 +436,7 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
             stopped_by = "budget"
             break
         t_step = time.time()
-        # Target tokens of this whole optimizer step, over micro-batches and ranks: the
-        # same number on every rank, known before the step, so the loss is normalised once.
-        norm = sum(int(s.targets[s.plans.batch(m)].sum()) for m in range(micro, micro + t.grad_accum))
+        norm = step_norm(s, micro, t.grad_accum)
         try:
             # The step checks loss and gradient norm before its update (one host sync), so
             # every checkpoint on disk holds finite weights.
