@@ -38,27 +38,23 @@ def _eval_one(tmp_path: Path, expert: str, task: str) -> dict:
     return json.loads((tmp_path / "run" / "report.json").read_text())
 
 
-@pytest.mark.slow
-@pytest.mark.smollm
-@needs_smollm_wheel
-def test_committed_math_expert_reproduces_its_scores(tmp_path):
-    # experts/README.md: base 0.017 [0.007, 0.043], math 0.278 [0.225, 0.339] on MAWPS validation (237).
-    report = _eval_one(tmp_path, "math", "mawps")
-    assert report["n"]["math"]["mawps"] == report["n"]["base"]["mawps"] == 237
-    assert 0.007 <= report["scores"]["base"]["mawps"] <= 0.043
-    assert 0.225 <= report["scores"]["math"]["mawps"] <= 0.339
-    assert report["experts_vs_base"]["math"]["low"] > 0  # clearly better than the base on its skill
+# expert, its task, n, the base's and the expert's 95% Wilson intervals in experts/README.md:
+# MAWPS validation (237 problems); the first 400 BoolQ validation rows under the standard protocol.
+# (BoolQ's majority class there, "true", is 0.64: the expert beats the base, not the majority
+# rate; experts/README.md says so.)
+CLAIMS = [
+    ("math", "mawps", 237, (0.007, 0.043), (0.225, 0.339)),    # base 0.017, math 0.278
+    ("boolq", "boolq_standard", 400, (0.426, 0.524), (0.594, 0.688)),  # base 0.475, boolq 0.6425
+]
 
 
 @pytest.mark.slow
 @pytest.mark.smollm
 @needs_smollm_wheel
-def test_committed_boolq_expert_reproduces_its_scores(tmp_path):
-    # experts/README.md: the first 400 BoolQ validation rows, standard protocol: base 0.475
-    # [0.426, 0.524], boolq 0.6425 [0.594, 0.688]. (The majority class there, "true", is 0.64:
-    # the expert beats the base, not the majority rate; experts/README.md says so.)
-    report = _eval_one(tmp_path, "boolq", "boolq_standard")
-    assert report["n"]["boolq"]["boolq_standard"] == report["n"]["base"]["boolq_standard"] == 400
-    assert 0.426 <= report["scores"]["base"]["boolq_standard"] <= 0.524
-    assert 0.594 <= report["scores"]["boolq"]["boolq_standard"] <= 0.688
-    assert report["experts_vs_base"]["boolq"]["low"] > 0
+@pytest.mark.parametrize("expert,task,n,base_range,expert_range", CLAIMS, ids=[c[0] for c in CLAIMS])
+def test_committed_expert_reproduces_its_scores(tmp_path, expert, task, n, base_range, expert_range):
+    report = _eval_one(tmp_path, expert, task)
+    assert report["n"][expert][task] == report["n"]["base"][task] == n
+    assert base_range[0] <= report["scores"]["base"][task] <= base_range[1]
+    assert expert_range[0] <= report["scores"][expert][task] <= expert_range[1]
+    assert report["experts_vs_base"][expert]["low"] > 0  # clearly better than the base on its skill
