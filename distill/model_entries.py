@@ -11,7 +11,7 @@ from distill.evaluation import ModelEntry
 from distill.models import load_model, load_tokenizer
 
 
-def _entry(name: str, recipe: Recipe, model: str, adapter: str | None = None, gguf_file: str | None = None,
+def model_entry(name: str, recipe: Recipe, model: str, adapter: str | None = None, gguf_file: str | None = None,
            revision: str | None = None) -> ModelEntry:
     def load():
         m = load_model(model, revision=revision, gguf_file=gguf_file, adapter=adapter,
@@ -34,16 +34,16 @@ def eval_entries(recipe: Recipe, log=print) -> list[ModelEntry]:
     for m in recipe.eval.models:
         if m.merge:
             path = merge_experts(recipe, m, run / "baselines" / m.name, log)
-            entries.append(_entry(m.name, recipe, str(path)))
+            entries.append(model_entry(m.name, recipe, str(path)))
         else:
-            entries.append(_entry(m.name, recipe, m.model, m.adapter, m.gguf_file))
+            entries.append(model_entry(m.name, recipe, m.model, m.adapter, m.gguf_file))
     if recipe.eval.teachers:
         for t in recipe.teachers:
-            entries.append(_entry(t.name, recipe, t.model, t.adapter, t.gguf_file, t.revision))
+            entries.append(model_entry(t.name, recipe, t.model, t.adapter, t.gguf_file, t.revision))
     if recipe.eval.student:
         student = run / "student"
         if not (student / "config.json").exists():
             raise DistillError(f"eval.student: no trained student at {student}; run `distill train` first "
                                "(or set eval.student=false)")
-        entries.append(_entry("student", recipe, str(student)))
+        entries.append(model_entry("student", recipe, str(student)))
     return entries

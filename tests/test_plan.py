@@ -149,7 +149,8 @@ def test_cli_table_json_and_bad_gpu(tiny_world, tmp_path, capsys):
 
 
 def test_measure_on_cpu_replaces_the_rates(tiny_world, tmp_path, capsys):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run"))
+    evaluation = {"tasks": ["boolq", "boolq_standard", "mawps"], "limit": 40, "batch_size": 4}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", eval=evaluation))
     with pytest.raises(SystemExit) as e:
         main(["plan", str(path), "--gpu", "cpu", "--minutes", "5", "--measure", "--json"])
     assert e.value.code == 0
@@ -157,7 +158,25 @@ def test_measure_on_cpu_replaces_the_rates(tiny_world, tmp_path, capsys):
     r, m = plan["rates"], plan["measured"]
     assert r["source"] == "measured" and r["forward_flops"] > 0 and r["train_flops"] > 0
     assert m["capture"]["forward_s"] > 0 and len(m["train"]["step_s"]) == 4 and all(x > 0 for x in m["train"]["step_s"])
+    # evaluation: one batch of each task group (BoolQ's two protocols share a pass), measured per kind
+    assert m["eval"]["examples_per_task"] == 4 and set(m["eval"]["seconds"]) == {"choice", "generate"}
+    assert r["eval_scale"] == m["eval"]["scale"] and all(v > 0 for v in r["eval_scale"].values())
     assert not (tmp_path / "run").exists()  # measured in a temporary run directory
+
+
+def test_measured_eval_scale_multiplies_each_kind_of_task():
+    from distill.plan.estimate import Rates
+    from distill.plan.evaltime import _model_seconds, task_seconds
+
+    tasks = [{"prompt_tokens": 1000, "choice_tokens": 20, "max_new_tokens": 0, "examples": 10},
+             {"prompt_tokens": 500, "choice_tokens": 0, "max_new_tokens": 64, "examples": 10}]
+    rates = Rates(1e9, 1e9, 1e9, 1e9, 1e9)
+    choice, gen = (task_seconds(1_000_000, 4e6, t, 4, rates) for t in tasks)
+    assert choice == pytest.approx(2e6 * 1020 / 1e9)  # 2 P FLOPs per token
+    assert gen == pytest.approx(2e6 * 500 / 1e9 + 3 * 64 * max(2e6 * 4 / 1e9, 4e6 / 1e9))  # 3 batches x 64 steps
+    assert _model_seconds(1_000_000, 4e6, tasks, 4, rates) == pytest.approx(choice + gen)
+    rates.eval_scale = {"choice": 2.0, "generate": 0.5}
+    assert _model_seconds(1_000_000, 4e6, tasks, 4, rates) == pytest.approx(2 * choice + 0.5 * gen)
 
 
 def test_run_with_plan_applies_its_overrides(tiny_world, tmp_path, capsys):

@@ -42,6 +42,9 @@ class Rates:
     capture_overhead: float = CAPTURE_OVERHEAD
     train_setup_s: float | None = None  # measured: build the student (and its merge init) + accelerate
     capture_setup_s: float | None = None  # measured: tokenizer, data, manifest before the first forward
+    # measured: evaluation seconds / the FLOP model's seconds at these rates, per kind ("choice" for
+    # multiple-choice passes, "generate" for generation), on a batch of each task (distill.plan.measure)
+    eval_scale: dict | None = None
 
     def describe(self) -> dict:
         return asdict(self)

@@ -8,6 +8,9 @@ pass, as distill.evaluation.runner.shared_views groups them):
                       eval.batch_size (an upper bound: every answer runs to max_new_tokens); a
                       step costs max(2 P x batch FLOPs, every weight read once)
 Prompt tokens are ASSUMED to be characters / CHARS_PER_TOKEN (English text on BPE vocabularies).
+After `distill plan --measure` each task's seconds are multiplied by the measured ratio of its kind
+(`Rates.eval_scale`: real seconds over these formulas' seconds on a batch of each task, scored by
+the evaluation's own code), which folds in the token count, early stops and the decode overhead.
 Models scored: eval.models (a merge is built first: its experts' base loaded, the merge written),
 the teachers when eval.teachers, the student when eval.student; every model but a teacher is
 assumed to have the student's architecture. The evaluation cache may skip unchanged models; the
@@ -45,15 +48,25 @@ def task_workloads(recipe: Recipe) -> list[dict]:
     return out
 
 
-def _model_seconds(params_decoder: int, weight_bytes: float, tasks: list[dict], batch: int, rates: Rates) -> float:
-    seconds = 0.0
-    for t in tasks:
-        seconds += 2 * params_decoder * (t["prompt_tokens"] + t["choice_tokens"]) / rates.forward_flops
-        if t["max_new_tokens"]:
-            batches = -(-t["examples"] // batch)
-            step = max(2 * params_decoder * batch / rates.forward_flops, weight_bytes / rates.bandwidth)
-            seconds += batches * t["max_new_tokens"] * step
+def scale_kind(task: dict) -> str:
+    """The key of `Rates.eval_scale` that a task group's time is measured under."""
+    return "generate" if task["max_new_tokens"] else "choice"
+
+
+def task_seconds(params_decoder: int, weight_bytes: float, task: dict, batch: int, rates: Rates) -> float:
+    """One model's seconds on one task group, by the FLOP and bandwidth model (no measured scale)."""
+    seconds = 2 * params_decoder * (task["prompt_tokens"] + task["choice_tokens"]) / rates.forward_flops
+    if task["max_new_tokens"]:
+        batches = -(-task["examples"] // batch)
+        step = max(2 * params_decoder * batch / rates.forward_flops, weight_bytes / rates.bandwidth)
+        seconds += batches * task["max_new_tokens"] * step
     return seconds
+
+
+def _model_seconds(params_decoder: int, weight_bytes: float, tasks: list[dict], batch: int, rates: Rates) -> float:
+    scale = rates.eval_scale or {}
+    return sum(task_seconds(params_decoder, weight_bytes, t, batch, rates) * scale.get(scale_kind(t), 1.0)
+               for t in tasks)
 
 
 def eval_models(recipe: Recipe, groups: list[GroupSpec], st: StudentSpec, dtype: str) -> list[dict]:

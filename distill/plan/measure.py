@@ -8,8 +8,10 @@ step (`distill.step.TrainStep`) for a few optimizer steps, and its final save. R
 planner's own FLOP counts of exactly those batches (estimate.forward_flops / train_step_flops,
 padding included) divided by their measured seconds, so they carry over to the full data with
 the same arithmetic. The first training step is a warm-up: its time above the others' mean is
-charged to the set-up. Evaluation is not measured: its rates are the measured forward rate and
-the table's bandwidth.
+charged to the set-up. Evaluation: the student's model scores one batch (eval.batch_size examples)
+of each task through the evaluation's own code (`distill.evaluation.runner`); the ratio of those
+seconds to the planner's formulas at the measured rates, per kind (choice passes, generation),
+scales the full evaluation's estimate (`Rates.eval_scale`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from distill.config import Recipe, load_recipe
+from distill.plan import memory as M
 from distill.plan.estimate import Rates, assumed_rates, forward_flops, save_bytes, train_step_flops
 from distill.plan.gpus import get_hardware
 from distill.plan.specs import student_spec, teacher_groups
@@ -37,7 +40,8 @@ def _subset_overrides(recipe: Recipe, run_dir: Path, rows: list[int]) -> list[st
     share = min(1.0, want / max(total, 1))
     over = [f"run_dir={run_dir}", f"cache.dir={run_dir}/cache", "cache.rebuild=true", "wandb.enabled=false",
             f"train.max_steps={TIMED_STEPS + 1}", "train.budget_minutes=null", "train.save_every_steps=null",
-            f"cache.id_order_rows={min(recipe.cache.id_order_rows, want)}"]
+            f"cache.id_order_rows={min(recipe.cache.id_order_rows, want)}",
+            f"eval.limit={min(recipe.eval.limit or recipe.eval.batch_size, recipe.eval.batch_size)}"]
     for i, n in enumerate(rows):
         over.append(f"data.sources.{i}.num_samples={max(1, math.ceil(n * share))}")
     return over
@@ -102,6 +106,42 @@ def _measure_train(sub: Recipe, st, log) -> dict:
             "device": str(s.acc.device)}
 
 
+def _measure_eval(sub: Recipe, st, rates: Rates, dtype: str, log) -> dict | None:
+    """Seconds of one batch of each eval task group, scored by the student's model through the evaluation's
+    own code, against the planner's seconds for the same examples; None when the recipe has no tasks."""
+    from distill.evaluation import build_examples, load_task
+    from distill.evaluation.runner import load_entry, resolve_device, run_choice_tasks, run_task, shared_views
+    from distill.model_entries import model_entry
+    from distill.plan.evaltime import scale_kind, task_seconds, task_workloads
+
+    if not sub.eval.tasks:
+        return None
+    specs = [load_task(name) for name in sub.eval.tasks]
+    examples = {s.name: build_examples(s, sub.eval.limit) for s in specs}
+    entry = model_entry("plan-measure", sub, sub.student.model, gguf_file=sub.student.gguf_file,
+                        revision=sub.student.revision)
+    t0 = time.perf_counter()
+    model, tok = load_entry(entry, resolve_device())
+    load_s = time.perf_counter() - t0
+    measured, predicted = {}, {}
+    for group, work in zip(shared_views(specs, examples), task_workloads(sub)):
+        exs, protocols = examples[group[0].name], [s.protocol_under(sub.eval.protocol) for s in group]
+        t0 = time.perf_counter()
+        if group[0].kind == "multiple_choice":
+            run_choice_tasks(model, tok, group, exs, protocols, sub.eval.batch_size)
+        else:
+            run_task(model, tok, group[0], exs, protocols[0], sub.eval.batch_size)
+        kind = scale_kind(work)
+        measured[kind] = measured.get(kind, 0.0) + time.perf_counter() - t0
+        predicted[kind] = predicted.get(kind, 0.0) + task_seconds(st.params.decoder, M.weight_bytes(st.params, dtype),
+                                                                  work, sub.eval.batch_size, rates)
+    del model
+    scale = {k: measured[k] / max(predicted[k], 1e-9) for k in measured}
+    log(f"plan --measure: eval of {sub.eval.limit} examples per task, model load {load_s:.1f}s, "
+        + ", ".join(f"{k} {measured[k]:.1f}s (x{scale[k]:.2f} the FLOP model)" for k in measured))
+    return {"examples_per_task": sub.eval.limit, "load_s": load_s, "seconds": measured, "scale": scale}
+
+
 def measure(recipe_path: str, overrides: list[str], gpu: str, config_dir: str | None, log=print) -> tuple[Rates, dict]:
     """Measured rates for `make_plan` (and the raw figures, for the plan's "measured" entry)."""
     hw = get_hardware(gpu)
@@ -113,13 +153,17 @@ def measure(recipe_path: str, overrides: list[str], gpu: str, config_dir: str | 
         groups, st = teacher_groups(sub, hw, config_dir), student_spec(sub, hw, config_dir)
         cap = _measure_capture(sub, groups, log)
         tr = _measure_train(sub, st, log)
+        assumed = assumed_rates(hw)
+        rates = Rates(cap["forward_flops"], tr["train_flops"], assumed.bandwidth, assumed.disk,
+                      save_bytes(st) / max(tr["save_s"] - 1.0, 0.1), source="measured", optimizer_in_train_rate=True,
+                      capture_overhead=cap["overhead"], train_setup_s=tr["setup_s"], capture_setup_s=cap["setup_s"])
+        ev = _measure_eval(sub, st, rates, hw.dtype, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rates = assumed_rates(hw)
-    rates = Rates(cap["forward_flops"], tr["train_flops"], rates.bandwidth, rates.disk,
-                  save_bytes(st) / max(tr["save_s"] - 1.0, 0.1), source="measured", optimizer_in_train_rate=True,
-                  capture_overhead=cap["overhead"], train_setup_s=tr["setup_s"], capture_setup_s=cap["setup_s"])
+    if ev is not None:
+        rates.eval_scale = ev["scale"]
     summary = (f"capture forward {cap['forward_flops'] / 1e9:.1f} GFLOP/s over {cap['samples']} samples, "
-               f"train {tr['train_flops'] / 1e9:.1f} GFLOP/s over {TIMED_STEPS} steps after a warm-up, on "
-               f"{tr['device']}")
-    return rates, {"summary": summary, "capture": cap, "train": tr}
+               f"train {tr['train_flops'] / 1e9:.1f} GFLOP/s over {TIMED_STEPS} steps after a warm-up"
+               + (", eval " + ", ".join(f"{k} x{v:.2f}" for k, v in ev["scale"].items()) + " the FLOP model"
+                  if ev else "") + f", on {tr['device']}")
+    return rates, {"summary": summary, "capture": cap, "train": tr, "eval": ev}
