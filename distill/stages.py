@@ -123,6 +123,7 @@ def cache(recipe: Recipe, state=None, log=print):
     log(f"cache: {report.cache_dir}: {report.shards_done} shard-teacher groups written, "
         f"{report.shards_skipped} shards already complete; data: {report.data_summary}; "
         f"forward {report.forward_s:.1f}s, encode {report.encode_s:.1f}s, write {report.write_s:.1f}s"
+        + (f", id order {report.extra['id_order_s']:.1f}s" if "id_order_s" in report.extra else "")
         + (f" (overhead {100 * (report.encode_s + report.write_s) / max(report.forward_s, 1e-9):.1f}%)"
            if total else ""))
     return report

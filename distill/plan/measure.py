@@ -125,6 +125,7 @@ def _measure_eval(sub: Recipe, st, rates: Rates, dtype: str, log) -> dict | None
     load_s = time.perf_counter() - t0
     measured, predicted = {}, {}
     for group, work in zip(shared_views(specs, examples), task_workloads(sub)):
+        assert work["tasks"] == [s.name for s in group]  # both walk shared_views in the same order
         exs, protocols = examples[group[0].name], [s.protocol_under(sub.eval.protocol) for s in group]
         t0 = time.perf_counter()
         if group[0].kind == "multiple_choice":
