@@ -16,9 +16,15 @@ Data, all offline copies shipped in eval/data:
   its value, " (22 - 14) / 4 = 2", which the competition's number rule reads.
 - boolq: BoolQ validation rows with idx >= 1000 only (every BoolQ evaluation in this
   project uses idx < 1000), rendered with the same 10 promptsource templates round-robin
-  as the evaluation. Target: the gold choice. Even rows are tokenized as the competition
-  protocol scores them (prompt + choice + EOS), odd rows as the standard protocol
-  (prompt + " " + choice + EOS), so the expert learns the answer in both layouts.
+  as the evaluation. Target: the gold choice, tokenized as the standard protocol scores it
+  (prompt + " " + choice + EOS). The first expert (2026-12-02) also glued the choice on for
+  even rows (the competition layout); that half taught a token ("Yes" without its space) the
+  standard protocol never reads, and the competition protocol (log P(EOS | prompt + choice))
+  cannot be taught by gold answers at all, so every row now uses the standard layout.
+
+Speed: training runs under bf16 autocast (fp32 master weights) with length-grouped batches.
+Measured on these 2 cores (Zen 4, avx512_bf16), SmolLM2-135M + LoRA, batch 8 x 170 tokens:
+227 tok/s in fp32, 526 tok/s under bf16 autocast.
 
 Why TRL is used here and not distill's trainer: the experts are ordinary supervised
 fine-tunes, and SFTTrainer is the tool the field trusts for that; distill's own loop is
@@ -42,10 +48,10 @@ sys.path.insert(0, str(ROOT))
 
 EXPERTS = {
     "math": dict(rank=16, alpha=32, dropout=0.05, lr=1e-3, epochs=1, batch_size=8, max_length=256, seed=0),
-    # max_rows: the first 1,000 rows that fit (of 2,255): a BoolQ row is ~160 tokens against MAWPS's
-    # ~50, and 2 CPU cores train ~100 tokens/s, so all of them would take an hour.
-    "boolq": dict(rank=16, alpha=32, dropout=0.05, lr=1e-3, epochs=1, batch_size=8, max_length=448, seed=0,
-                  max_rows=1000),
+    # The first boolq expert (lr 1e-3, 1 epoch over 1,000 rows, fp32) learnt the answer's prior only: it
+    # said "true" on 399 of 400 held-out rows. Now: every eligible row, a gentler lr, two epochs, bf16.
+    "boolq": dict(rank=16, alpha=32, dropout=0.05, lr=5e-4, epochs=2, batch_size=8, max_length=448, seed=0,
+                  bf16=True, sampling="group_by_length"),
 }
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BOOLQ_TRAIN_FROM = 1000  # BoolQ rows below this index are evaluation-only
@@ -109,13 +115,13 @@ def math_pairs() -> list[tuple[str, str]]:
 
 
 def boolq_pairs() -> list[tuple[str, str]]:
-    """(prompt, answer) for every BoolQ row the boolq expert may learn from (idx >= 1000), the prompt
-    rendered as the evaluation renders it; even rows glue the answer on (competition layout), odd rows
-    put a space before it (standard layout)."""
+    """(prompt, " " + answer) for every BoolQ row the boolq expert may learn from (idx >= 1000), the
+    prompt rendered as the evaluation renders it, the answer after a space as the standard protocol
+    scores it."""
     from distill.evaluation.examples import build_examples
     from distill.evaluation.spec import load_task
 
-    return [(ex.prompt, ex.target if ex.index % 2 == 0 else " " + ex.target)
+    return [(ex.prompt, " " + ex.target)
             for ex in build_examples(load_task(str(ROOT / "eval/tasks/boolq.yaml"))) if ex.index >= BOOLQ_TRAIN_FROM]
 
 
@@ -160,6 +166,7 @@ def build(name: str, base: Path, out: Path) -> dict:
         warmup_steps=0.05, weight_decay=0.0, logging_steps=20, save_strategy="no", report_to=[],
         seed=cfg["seed"], completion_only_loss=True, max_length=cfg["max_length"],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        bf16=cfg.get("bf16", False), train_sampling_strategy=cfg.get("sampling", "random"),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                          processing_class=tok, peft_config=lora)

@@ -50,8 +50,8 @@ def test_boolq_rows_use_only_rows_from_index_1000():
     prompts = [e.prompt for e in build_examples(load_task(str(ROOT / "eval/tasks/boolq.yaml")))]
     seen = be.boolq_pairs()
     assert [p for p, _ in seen] == prompts[be.BOOLQ_TRAIN_FROM:]
-    # even rows in the competition layout (choice glued), odd rows with the standard space
-    assert not seen[0][1].startswith(" ") and seen[1][1].startswith(" ")
+    # every answer in the standard protocol's layout: a space, then the choice
+    assert all(a.startswith(" ") and a[1:] == a.strip() for _, a in seen)
 
 
 def test_repeating_decimals_are_left_out():
