@@ -64,11 +64,8 @@ def _mean(row: dict[str, dict], tasks: list[str]) -> float | None:
 
 
 def _correct(eval_dir: Path, cell: dict) -> dict[int, float] | None:
-    path = eval_dir / cell["predictions"] if cell.get("predictions") else None
-    if path is None or not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["index"]: float(r["correct"]) for r in rows}
+    rows = _records(eval_dir, cell)
+    return {r["index"]: float(r["correct"]) for r in rows} if rows else None
 
 
 def versus_merge(cells: dict, tasks: list[str], student: str, merge: str, eval_dir: Path,
@@ -89,14 +86,39 @@ def versus_merge(cells: dict, tasks: list[str], student: str, merge: str, eval_d
     return out
 
 
+def _records(eval_dir: Path, cell: dict) -> list[dict]:
+    path = eval_dir / cell["predictions"] if cell.get("predictions") else None
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def versus_majority(eval_dir: Path, cell: dict) -> dict | None:
+    """A multiple-choice cell against the majority-class answer on the same examples: {label, choice,
+    rate, paired difference model - majority}; None for a generative task. The majority class is the
+    most frequent gold label among the scored examples (BoolQ: "true"), so a model that has learnt only
+    the answer's prior scores the rate and a difference of 0."""
+    rows = [r for r in _records(eval_dir, cell) if "label" in r]
+    if not rows:
+        return None
+    labels = [r["label"] for r in rows]
+    label = max(sorted(set(labels)), key=labels.count)  # ties: the lowest label index
+    majority = [float(x == label) for x in labels]
+    return {"label": label, "choice": rows[0]["choices"][label], "rate": sum(majority) / len(majority),
+            **stats.paired_difference([float(r["correct"]) for r in rows], majority)}
+
+
 def experts_vs_base(recipe: Recipe, cells: dict, eval_dir: Path) -> dict[str, dict]:
-    """{expert: paired difference expert - base on its own task}: is each expert an expert at all?"""
+    """{expert: paired difference expert - base on its own task, and for a multiple-choice task the
+    expert against the majority class}: is each expert an expert at all?"""
     out = {}
     for expert, task in recipe.eval.skills.items():
         if expert in cells and BASE in cells:
             diff = versus_merge(cells, [task], expert, BASE, eval_dir).get(task)
             if diff:
                 out[expert] = {"task": task, **diff}
+                if task in cells[expert] and (maj := versus_majority(eval_dir, cells[expert][task])):
+                    out[expert]["vs_majority"] = maj
     return out
 
 
@@ -194,10 +216,16 @@ def _merge_table(r: dict) -> list[str]:
 def _experts_table(r: dict) -> list[str]:
     lines = ["", f"## Each expert against the base (`{BASE}`) on its own task", "",
              "Paired difference expert - base on the same examples, with its 95% normal interval; "
-             "an interval above 0 means the expert is clearly better at its skill.", "",
-             "| expert | its task | difference [95% interval] | n |", "|---|---|---|---|"]
+             "an interval above 0 means the expert is clearly better at its skill. On a multiple-choice task, "
+             "also the expert against always answering the majority class of those examples (paired the same way): "
+             "an expert that has learnt only the answer's prior scores 0 there.", "",
+             "| expert | its task | difference [95% interval] | n | majority class (rate) | expert - majority [95% interval] |",
+             "|---|---|---|---|---|---|"]
     for name, d in r["experts_vs_base"].items():
-        lines.append(f"| {name} | {d['task']} | {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['n']} |")
+        m = d.get("vs_majority")
+        maj = (f"{m['choice']} ({m['rate']:.3f}) | {m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]" if m
+               else "- | -")
+        lines.append(f"| {name} | {d['task']} | {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['n']} | {maj} |")
     return lines
 
 

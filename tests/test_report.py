@@ -116,8 +116,14 @@ def test_report_of_a_real_run(tiny_run):
     assert diff["high"] > diff["low"], diff
     # Each expert against the base on its own task, paired on the same examples.
     vs_base = report["experts_vs_base"]["ta"]
+    ta_correct = _correct(run / "eval" / "ta" / "mc.predictions.jsonl")
+    maj = vs_base.pop("vs_majority")
     assert vs_base == pytest.approx({"task": "mc", **stats.paired_difference(
-        _correct(run / "eval" / "ta" / "mc.predictions.jsonl"), _correct(run / "eval" / "base" / "mc.predictions.jsonl"))})
+        ta_correct, _correct(run / "eval" / "base" / "mc.predictions.jsonl"))})
+    # ... and against always answering the majority class, "b" (8 of the 12 labels), paired the same way
+    always_b = [0.0 if i % 3 == 0 else 1.0 for i in range(12)]
+    assert maj == pytest.approx({"label": 1, "choice": "b", "rate": 8 / 12,
+                                 **stats.paired_difference(ta_correct, always_b)})
     # Stage times, written by each stage.
     assert set(report["timings"]) == {"cache", "train", "eval"}
     assert all(v["wall_s"] > 0 for v in report["timings"].values())
@@ -128,7 +134,8 @@ def test_report_of_a_real_run(tiny_run):
     assert "Wilson score interval" in md and "Examples per task (n): mc 12" in md
     assert f"| student | {diff['diff']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] (n=12)" in md
     assert "## Students against the best merge (avg" in md and "gain kept" in md
-    assert f"| ta | mc | {vs_base['diff']:+.3f} [{vs_base['low']:+.3f}, {vs_base['high']:+.3f}] | 12 |" in md
+    assert (f"| ta | mc | {vs_base['diff']:+.3f} [{vs_base['low']:+.3f}, {vs_base['high']:+.3f}] | 12 | b (0.667) | "
+            f"{maj['diff']:+.3f} [{maj['low']:+.3f}, {maj['high']:+.3f}] |") in md
     assert md.index("| cache |") < md.index("| train |") < md.index("| eval |") and "<details><summary>Recipe (resolved)</summary>" in md
     assert yaml.safe_load(md.split("```yaml\n")[1].split("```")[0])["name"] == "tiny"
     for name in ("scores", "train_loss"):
