@@ -149,6 +149,8 @@ def test_cli_table_json_and_bad_gpu(tiny_world, tmp_path, capsys):
 
 
 def test_measure_on_cpu_replaces_the_rates(tiny_world, tmp_path, capsys):
+    from distill.plan.measure import TIMED_STEPS
+
     evaluation = {"tasks": ["boolq", "boolq_standard", "mawps"], "limit": 40, "batch_size": 4}
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", eval=evaluation))
     with pytest.raises(SystemExit) as e:
@@ -157,7 +159,7 @@ def test_measure_on_cpu_replaces_the_rates(tiny_world, tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
     r, m = plan["rates"], plan["measured"]
     assert r["source"] == "measured" and r["forward_flops"] > 0 and r["train_flops"] > 0
-    assert m["capture"]["forward_s"] > 0 and len(m["train"]["step_s"]) == 4 and all(x > 0 for x in m["train"]["step_s"])
+    assert m["capture"]["forward_s"] > 0 and len(m["train"]["step_s"]) == TIMED_STEPS + 1 and all(x > 0 for x in m["train"]["step_s"])
     # evaluation: one batch of each task group (BoolQ's two protocols share a pass), measured per kind
     assert m["eval"]["examples_per_task"] == 4 and set(m["eval"]["seconds"]) == {"choice", "generate"}
     assert r["eval_scale"] == m["eval"]["scale"] and all(v > 0 for v in r["eval_scale"].values())
