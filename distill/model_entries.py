@@ -12,7 +12,7 @@ from distill.models import load_model, load_tokenizer
 
 
 def model_entry(name: str, recipe: Recipe, model: str, adapter: str | None = None, gguf_file: str | None = None,
-           revision: str | None = None) -> ModelEntry:
+                revision: str | None = None) -> ModelEntry:
     def load():
         m = load_model(model, revision=revision, gguf_file=gguf_file, adapter=adapter,
                        trust_remote_code=recipe.trust_remote_code, what=f"eval model {name}")

@@ -22,7 +22,8 @@ Data, all offline copies shipped in eval/data:
   standard protocol never reads, and the competition protocol (log P(EOS | prompt + choice))
   cannot be taught by gold answers at all, so every row now uses the standard layout.
 
-Speed: training runs under bf16 autocast (fp32 master weights) with length-grouped batches.
+Speed: the boolq expert trains under bf16 autocast (fp32 master weights) with length-grouped
+batches (`bf16`, `sampling`; the math expert, built before, in fp32 with random batches).
 Measured on these 2 cores (Zen 4, avx512_bf16), SmolLM2-135M + LoRA, batch 8 x 170 tokens:
 227 tok/s in fp32, 526 tok/s under bf16 autocast.
 
