@@ -124,7 +124,29 @@ def convert(gguf: Path, out: Path, dtype: str = "auto") -> str:
     del loaded
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    write_card(gguf, out)
     return str(model.dtype).removeprefix("torch.")
+
+
+def gguf_licence(gguf: Path) -> str | None:
+    """The file's `general.license` metadata (e.g. "apache-2.0"), or None when it has none."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("general.license")
+    if field is None or not field.data:
+        return None
+    value = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace").strip()
+    return value or None
+
+
+def write_card(gguf: Path, out: Path) -> None:
+    """A README.md model card naming the source file and, when the GGUF states one, its licence in the
+    front matter, where `distill publish` reads each source model's licence (distill.model_card)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(license=gguf_licence(gguf), library_name="transformers")
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\nConverted from `{gguf.name}` by `distill import-gguf`: "
+              "every weight dequantized, no quantization config.\n").save(out / "README.md")
 
 
 def file_dtype(gguf: Path):

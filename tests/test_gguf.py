@@ -62,6 +62,16 @@ def test_tiny_gguf_converts_to_the_same_model(tmp_path, weights, tied):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.gguf"]  # no temp folder left
 
 
+def test_the_files_licence_reaches_the_folders_card(tmp_path):
+    from distill.model_card import model_licence
+
+    out = gguf.import_gguf(write_tiny_gguf(tmp_path / "mit.gguf", licence="mit"), tmp_path / "mit")
+    assert model_licence(str(out)) == "mit"  # the front matter distill publish reads
+    assert "Converted from `mit.gguf`" in (out / "README.md").read_text()
+    bare = gguf.import_gguf(write_tiny_gguf(tmp_path / "bare.gguf"), tmp_path / "bare")
+    assert (bare / "README.md").is_file() and model_licence(str(bare)) is None  # none claimed
+
+
 def test_dtype_auto_keeps_a_half_file_half_and_casts_on_request(tmp_path):
     source = write_tiny_gguf(tmp_path / "tiny.gguf", weights="f16")
     assert json.loads((gguf.import_gguf(source, tmp_path / "auto") / "config.json").read_text())["dtype"] == "float16"
@@ -144,5 +154,7 @@ def test_smollm2_cli_conversion_matches_the_gguf_loaded_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 49152 and config["tie_word_embeddings"]
+    from distill.model_card import model_licence
+    assert model_licence(str(out)) == "apache-2.0"  # the file's general.license, carried to the card
     _assert_same_model(out, source, ["The capital of France is", "Is the sky blue? Answer yes or no.",
                                      "Tom has 3 apples and buys 4 more. How many apples does he have?"])

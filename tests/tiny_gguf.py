@@ -14,14 +14,18 @@ CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</
 TOKENS = ["<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)] + ["Ġ", ":"]
 
 
-def write_tiny_gguf(path: Path, weights: str = "q8_0", tied: bool = True, arch: str = "llama") -> Path:
+def write_tiny_gguf(path: Path, weights: str = "q8_0", tied: bool = True, arch: str = "llama",
+                    licence: str | None = None) -> Path:
     """weights: "q8_0" (matrices as Q8_0 blocks, norms f32), "f16" (matrices f16) or "f32".
-    tied: no `output.weight`, so the LM head is the embedding. arch: `general.architecture`."""
+    tied: no `output.weight`, so the LM head is the embedding. arch: `general.architecture`.
+    licence: `general.license`, none by default."""
     import gguf
 
     vocab, hidden, layers, heads, ff = len(TOKENS), 32, 2, 4, 64
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
+    if licence:
+        w.add_license(licence)
     w.add_context_length(64)
     w.add_embedding_length(hidden)
     w.add_block_count(layers)
