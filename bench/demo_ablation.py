@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "demo.yaml"
 DEMO = ROOT / "runs" / "demo"
 
+MATH480 = "data.sources.0.num_samples=480"
+LORA32 = ("student.lora={r: 32, alpha: 64, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+          "down_proj]}")
+
 # name -> overrides of recipes/demo.yaml. "demo" is the recipe as shipped.
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
@@ -42,6 +46,15 @@ VARIANTS: dict[str, list[str]] = {
     "ce0.5": ["loss.ce_weight=0.5"],                   # half the loss plain cross-entropy on the data
     "ungrouped": ["train.group_by_length=false"],      # mixed-skill batches (57% padding)
     "from_linear": ["student.init.method=linear", "student.init.weights=[0.5,0.5]", "student.init.density=null"],
+    # three times the math calibration rows (the pool has 1,760): more of the math expert's signal
+    "math480": [MATH480],
+    "math480_seed1": [MATH480, "seed=1"],
+    "math480_seed2": [MATH480, "seed=2"],
+    # a LoRA student (rank 32 = the two experts' ranks summed) whose adapter starts as the rank-32
+    # SVD fit of the TIES merge of the experts' deltas: few trainable weights, less drift
+    "lora32": [LORA32, "train.lr=2.0e-4"],
+    "lora32_seed1": [LORA32, "train.lr=2.0e-4", "seed=1"],
+    "lora32_seed2": [LORA32, "train.lr=2.0e-4", "seed=2"],
 }
 
 
@@ -52,15 +65,17 @@ def _cli(*args: str) -> None:
         sys.exit(f"demo_ablation: `distill {' '.join(args)}` failed:\n{proc.stderr[-2000:]}")
 
 
-def _data_changed(overrides: list[str]) -> bool:
-    return any(o.startswith(("data.", "cache.")) for o in overrides)
+def _data_overrides(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if o.startswith(("data.", "cache.")))
 
 
 def run_variant(name: str, overrides: list[str], out: Path) -> dict:
     if not overrides:  # the recipe as shipped: scripts/demo.sh's own run
         return _result(name, overrides, DEMO)
     run = out / name
-    cache = run / "cache" if _data_changed(overrides) else DEMO / "cache"
+    # Variants with the same calibration data share one cache (the data overrides name it).
+    data = _data_overrides(overrides)
+    cache = out / ("cache-" + "-".join(o.replace("=", "_") for o in data)) if data else DEMO / "cache"
     common = [f"run_dir={run}", f"cache.dir={cache}", *overrides]
     if cache != DEMO / "cache":
         _cli("cache", str(RECIPE), *common)

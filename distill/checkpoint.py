@@ -36,13 +36,26 @@ def verify(folder: Path) -> None:
     sums_path = folder / "CHECKSUMS.json"
     if not sums_path.is_file():
         raise DistillError(f"{folder}: not a complete checkpoint (CHECKSUMS.json missing)")
-    sums = json.loads(sums_path.read_text())
+    try:
+        sums = json.loads(sums_path.read_text())
+        ok = isinstance(sums, dict) and all(
+            isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+            and isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)
+            for rel, rec in sums.items())
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise DistillError(f"{sums_path}: corrupt checksum list (not {{relative path: {{bytes, sha256}}}} JSON)")
+    on_disk = {str(p.relative_to(folder)) for p in _files(folder)}
     for rel, rec in sorted(sums.items()):
         p = folder / rel
         if not p.is_file():
             raise DistillError(f"{p}: missing checkpoint file")
         if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
             raise DistillError(f"{p}: checkpoint file is corrupt (size or sha256 mismatch)")
+    extra = sorted(on_disk - set(sums))
+    if extra:  # a file the checkpoint did not have (a CHECKSUMS.json that lost entries)
+        raise DistillError(f"{folder / extra[0]}: not in the checkpoint's CHECKSUMS.json (corrupt checksum list)")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -83,4 +96,42 @@ def clean_tmp(root: Path) -> None:
 
 
 def read_state(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())
+    """The trainer state of a verified checkpoint (its hash already checked)."""
+    path = folder / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"{path}: unreadable trainer state ({str(exc)[:80]})") from None
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "micro", "tokens"))):
+        raise DistillError(f"{path}: not a trainer state ({{step, micro, tokens}})")
+    return state
+
+
+# What a run may change between a checkpoint and its resume: when and how long to train, how often to
+# save and log, loader processes. Everything else of the recipe shapes the weights or the batch order.
+RESUMABLE_TRAIN_KEYS = ("max_steps", "epochs", "budget_minutes", "eval_reserve_minutes", "save_every_steps",
+                        "keep_last", "log_every_steps", "num_workers")
+
+
+def recipe_identity(recipe) -> dict:
+    """The recipe part `trainer_state.json` records ("recipe") and a resume must match."""
+    from distill.config import recipe_dict
+
+    d = recipe_dict(recipe)
+    train = {k: v for k, v in d["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
+    ident = {"seed": d["seed"], "student": d["student"], "teachers": d["teachers"], "data": d["data"],
+             "loss": d["loss"], "train": train}
+    return json.loads(json.dumps(ident))  # as trainer_state.json holds it (lists, not tuples)
+
+
+def check_recipe(folder: Path, recipe) -> None:
+    """Refuse to resume `folder` under a recipe other than the one it was written by, naming the first
+    differing key. Checkpoints from before the record are resumed as they are."""
+    from distill.cache.manifest import difference
+
+    state = read_state(folder)
+    if "recipe" in state:
+        diff = difference(state["recipe"], recipe_identity(recipe), what="checkpoint")
+        if diff:
+            raise DistillError(f"--resume: {folder} is a checkpoint of another recipe: {diff} (resume with the "
+                               "recipe it was made with, or train into a new run_dir)")

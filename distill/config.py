@@ -165,6 +165,10 @@ class CacheConfig:
     # Calibration samples for the order (all their target rows), evenly strided: a one-time pass of the
     # first teacher; the bench reached its figures from ~1,500 rows, 256 samples hold far more.
     id_order_rows: int = 256
+    # What `distill train` checks of the cache before it loads a model: full = every file's sha256
+    # (a flipped byte anywhere is named before training; reads the cache once, ~1 GB/s), sizes = sizes,
+    # .npy headers and offsets only (seconds on any cache; `distill cache verify` does the full check).
+    verify: Literal["full", "sizes"] = "full"
 
 
 @dataclass

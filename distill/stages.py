@@ -103,10 +103,9 @@ def verify_cache(path: str) -> None:
     from distill.cache.store import CacheReader
 
     p = Path(path)
-    if not (p / "manifest.json").exists() and (p / "cache" / "manifest.json").exists():
+    if not (p / "manifest.json").exists() and (p / "cache").is_dir():  # a run directory
         p = p / "cache"
-    reader = CacheReader(p, verify="none")
-    reader.verify(full=True)
+    reader = CacheReader(p, verify="full")  # every hash before any file is parsed
     m = reader.manifest
     n_files = sum(len(s["files"]) for s in m["shards"].values())
     print(f"cache {p}: OK ({len(m['shards'])} shards, {n_files} files, {m['data']['samples']} samples, "

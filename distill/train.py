@@ -291,7 +291,7 @@ def setup_training(recipe: Recipe, log) -> Setup:
     t = recipe.train
     acc = build_accelerator(recipe)
     torch.manual_seed(recipe.seed)
-    reader = CacheReader(recipe.cache.dir)
+    reader = CacheReader(recipe.cache.dir, verify=recipe.cache.verify)
     tok = load_tokenizer(recipe.tokenizer or recipe.student.model,
                          gguf_file=None if recipe.tokenizer else recipe.student.gguf_file,
                          trust_remote_code=recipe.trust_remote_code, what="student tokenizer")
@@ -339,7 +339,7 @@ def build_train_step(recipe: Recipe, acc, teachers, planned: int) -> tuple[Train
     return TrainStep(acc, wrapped, opt, sched, teachers, t.max_grad_norm), save_guess
 
 
-def _resume(acc, ckpt_root: Path, log) -> tuple[int, int, int]:
+def _resume(acc, ckpt_root: Path, recipe: Recipe, log) -> tuple[int, int, int]:
     """(step, micro-batches consumed, target tokens seen) of the newest complete checkpoint, loaded."""
     if acc.is_main_process:
         ckpt.clean_tmp(ckpt_root)
@@ -347,6 +347,7 @@ def _resume(acc, ckpt_root: Path, log) -> tuple[int, int, int]:
     if last is None:
         raise DistillError(f"--resume: no complete checkpoint under {ckpt_root}")
     ckpt.verify(last)
+    ckpt.check_recipe(last, recipe)
     acc.load_state(str(last))
     st = ckpt.read_state(last)
     log(f"resumed from {last} at step {st['step']}")
@@ -385,7 +386,7 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     ckpt_root = run_dir / "checkpoints"
     s = setup_training(recipe, log)
     acc = s.acc
-    pos = _resume(acc, ckpt_root, log) if resume else (0, 0, 0)
+    pos = _resume(acc, ckpt_root, recipe, log) if resume else (0, 0, 0)
     micro_batches = micro_batch_iter(recipe, s, pos[1], log)
     _init_trackers(acc, recipe, run_dir)
     history = run_dir / "train_log.jsonl"
@@ -412,7 +413,8 @@ def save_final(recipe: Recipe, s: Setup, step: int, micro: int, tokens_seen: int
     """The final checkpoint, then the loadable student from it; returns the checkpoint."""
     run_dir = Path(recipe.run_dir)
     final_ckpt = _save_checkpoint(s.acc, run_dir / "checkpoints", step,
-                                  {"step": step, "micro": micro, "tokens": tokens_seen}, recipe.train.keep_last)
+                                  {"step": step, "micro": micro, "tokens": tokens_seen,
+                                   "recipe": ckpt.recipe_identity(recipe)}, recipe.train.keep_last)
     _save_student(s.acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
     return final_ckpt
 
@@ -457,7 +459,8 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
             last_loss = _log(acc, bar, window, step, s.step_fn.sched, recipe, history)
         if t.save_every_steps and step % t.save_every_steps == 0 and step < s.planned:
             t0 = time.time()
-            _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen}, t.keep_last)
+            _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen,
+                                                    "recipe": ckpt.recipe_identity(recipe)}, t.keep_last)
             budget.save_s = max(budget.save_s, 2 * (time.time() - t0))
     bar.close()
     if window["tokens"] is not None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe, top_counts, write_recipe
-from distill.files import sha256_file, write_json_atomic
+from distill.files import sha256_file
 from distill.cache import store
 from distill.cache import manifest as mf
 from distill.cache.capture import run_capture
@@ -28,7 +28,7 @@ def _capture(world, tmp_path, **sections):
 
 def _digest(cache_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and not p.name.startswith(".")}  # .lock, .capture.lock
 
 
 def test_cache_rows_match_teacher_logits(tiny_world, tmp_path):
@@ -72,7 +72,7 @@ def test_rerun_is_a_no_op_and_partial_capture_resumes_identically(tiny_world, tm
     shard = sorted(manifest["shards"])[1]
     del manifest["shards"][shard]["files"][mf.teacher_file("tb")]
     manifest["complete"] = False
-    write_json_atomic(cache_dir / "manifest.json", manifest)
+    mf.write_manifest(cache_dir, manifest)
     (cache_dir / shard / mf.teacher_file("tb")).unlink()
     (cache_dir / shard / "junk.npy.tmp123").write_bytes(b"half-written")
     with pytest.raises(CacheError, match="incomplete"):

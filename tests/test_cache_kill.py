@@ -68,7 +68,7 @@ def _teacher_files_recorded(manifest: dict) -> int:
 
 def _digest(cache_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and not p.name.startswith(".")}  # .lock, .capture.lock
 
 
 @pytest.mark.slow

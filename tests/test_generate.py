@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_recipe, write_recipe
-from distill.files import sha256_file, write_json_atomic
+from distill.files import sha256_file
 from distill.cache import store
 from distill.cache import manifest as mf
 from distill.cache.capture import run_capture
@@ -67,7 +67,7 @@ def _samples(recipe) -> list[dict]:
 
 def _digest(cache_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and not p.name.startswith(".")}  # .lock, .capture.lock
 
 
 def _greedy(model, prompt_ids: list[int], n: int) -> list[int]:
@@ -160,7 +160,7 @@ def test_rerun_and_resume_do_not_regenerate(world, tmp_path):
     shard = sorted(manifest["shards"])[0]
     del manifest["shards"][shard]["files"][mf.teacher_file("ta")]
     manifest["complete"] = False
-    write_json_atomic(cache_dir / "manifest.json", manifest)
+    mf.write_manifest(cache_dir, manifest)
     resumed = run_capture(recipe)
     assert resumed.generated == 0 and resumed.model_loads == 1 and _digest(cache_dir) == before
 

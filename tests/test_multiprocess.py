@@ -64,7 +64,7 @@ def test_two_process_capture_equals_one_process(tiny_world, tmp_path):
 
     def digest(cache_dir: Path) -> dict:
         return {str(p.relative_to(cache_dir)): sha256_file(p) for p in sorted(cache_dir.rglob("*"))
-                if p.is_file() and p.name != ".lock"}
+                if p.is_file() and not p.name.startswith(".")}  # .lock, .capture.lock
 
     single = write_recipe(tmp_path / "one.yaml", tiny_recipe(tiny_world, tmp_path / "one"))
     double = write_recipe(tmp_path / "two.yaml", tiny_recipe(tiny_world, tmp_path / "two"))

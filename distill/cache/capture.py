@@ -24,6 +24,7 @@ captured first, so a recipe whose experts share one base loads it once in all.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,14 +159,35 @@ def _pad(samples: list[Sample], idx: list[int], pad_id: int, device) -> tuple[to
     return ids.to(device), attn.to(device), tgt[:, 1:].to(device)
 
 
+class NonFiniteTeacher(DistillError):
+    """A teacher's log-probabilities hold NaN or +inf (an overflowing fp16 model, a broken checkpoint)."""
+
+
+def _check_finite(top_lp: torch.Tensor, res: torch.Tensor, select: torch.Tensor, idx: list[int], first: int) -> None:
+    """Refuse NaN or +inf in a batch's top-k log-probabilities or residuals, naming the first sample
+    (its index in the calibration data) and token position. -inf is a legitimate log-probability
+    (a masked token, or an empty residual when top_k covers the vocabulary)."""
+    bad = torch.isnan(top_lp).any(-1) | torch.isposinf(top_lp).any(-1) | torch.isnan(res) | torch.isposinf(res)
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])  # rows are the selected positions, batch row by batch row
+    counts = select.sum(dim=1).cumsum(0)
+    r = int((counts <= row).sum())
+    pos = int(select[r].nonzero()[row - (int(counts[r - 1]) if r else 0), 0]) + 1
+    raise NonFiniteTeacher(f"non-finite logits (NaN or inf) at sample {first + idx[r]} of the calibration data, "
+                           f"token {pos}")
+
+
 def shard_rows(model, samples: list[Sample], codec, batch_size: int, pad_id: int, device,
-               report: CaptureReport) -> np.ndarray:
-    """Encoded rows of one teacher for one shard's samples, in sample order."""
+               report: CaptureReport, first: int = 0) -> np.ndarray:
+    """Encoded rows of one teacher for one shard's samples (the data's samples first, first + 1, ...), in
+    sample order. A NaN or +inf in the teacher's distributions raises NonFiniteTeacher."""
     per_sample: list[np.ndarray | None] = [None] * len(samples)
     for idx in _batches(samples, batch_size):
         ids, attn, select = _pad(samples, idx, pad_id, device)
         clock: dict[str, float] = {}
         top_ids, top_lp, res = teacher_topk(model, ids, attn, select, codec.k, clock=clock)
+        _check_finite(top_lp, res, select, idx, first)
         t1 = time.perf_counter()
         records = codec.encode(top_ids, top_lp, res).cpu().numpy()
         # The top-k counts as capture overhead, not as the teacher's forward (DESIGN.md section 6).
@@ -233,8 +255,14 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
     main = rank == 0
     barrier = state.wait_for_everyone if state is not None else (lambda: None)
 
-    tok, tok_fp = check_tokenizers(recipe)
+    tok, tok_fp = check_tokenizers(recipe)  # refusals that need no cache directory come first
     vocab_size = vocab_size_of(recipe)
+    with mf.capture_lock(recipe.cache.dir) if main else contextlib.nullcontext():
+        return _capture(recipe, rank, world, device, main, barrier, tok, tok_fp, vocab_size)
+
+
+def _capture(recipe: Recipe, rank: int, world: int, device, main: bool, barrier, tok, tok_fp: str,
+             vocab_size: int) -> CaptureReport:
     cache_dir = Path(recipe.cache.dir)
     report = CaptureReport(cache_dir=str(cache_dir))
     loader = GroupLoader(recipe, device)
@@ -290,8 +318,12 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
                 if name not in pending[t.name]:
                     continue
                 with Active(model, t) as m:
-                    rows = shard_rows(m, samples[a:b], codec, recipe.cache.batch_size, tok.pad_token_id,
-                                      device, report)
+                    try:
+                        rows = shard_rows(m, samples[a:b], codec, recipe.cache.batch_size, tok.pad_token_id,
+                                          device, report, first=a)
+                    except NonFiniteTeacher as exc:
+                        raise NonFiniteTeacher(f"teacher {t.name}: {exc}; nothing of it was written for "
+                                               f"{name}") from None
                 t0 = time.perf_counter()
                 rec = write_npy_atomic(cache_dir / name / mf.teacher_file(t.name), rows)
                 mf.record_file(cache_dir, name, mf.teacher_file(t.name), rec)

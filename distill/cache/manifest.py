@@ -24,6 +24,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,14 +96,84 @@ def read_manifest(cache_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise CacheError(f"{path}: manifest is not valid JSON (corrupt cache; rerun `distill cache`)") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("version") not in READABLE_VERSIONS:
+        found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
         raise CacheError(f"{path}: not a {FORMAT} v{'/v'.join(map(str, READABLE_VERSIONS))} manifest "
-                         f"(found {manifest.get('format')!r} v{manifest.get('version')!r})")
+                         f"(found {found[0]!r} v{found[1]!r})")
+    # caches written before the checksum existed have none, and are still read
+    if "checksum" in manifest and manifest["checksum"] != _checksum(manifest):
+        raise CacheError(f"{path}: checksum mismatch: the manifest was edited or is corrupt; {REBUILD}")
+    manifest.pop("checksum", None)
+    problem = _structure_problem(manifest)
+    if problem:
+        raise CacheError(f"{path}: malformed manifest (edited by hand?): {problem}; {REBUILD}")
     return manifest
 
 
+_SHARD = re.compile(r"shard-\d{5}")
+_NAME = re.compile(r"[\w-]+")  # a teacher name, as the recipe loader allows
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _structure_problem(m: dict) -> str | None:
+    """The first key of `m` whose type or form is not what capture writes (None when all are).
+
+    Every key that a reader indexes or turns into a path is checked here, so that a manifest edited
+    by hand gives one line naming the key, not a KeyError, and cannot point a reader outside the
+    cache (shard and file names are fixed patterns)."""
+    def bad(key: str, ok: bool, want: str) -> str | None:
+        return None if ok else f"{key}: expected {want}"
+
+    checks = [
+        ("complete", lambda: isinstance(m["complete"], bool), "true or false"),
+        ("teachers", lambda: isinstance(m["teachers"], list) and m["teachers"] and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and _NAME.fullmatch(t["name"])
+            for t in m["teachers"]), "a list of {name: ...} records with plain names"),
+        ("domains", lambda: isinstance(m["domains"], list) and all(isinstance(d, str) for d in m["domains"]),
+         "a list of strings"),
+        ("codec", lambda: isinstance(m["codec"], dict) and isinstance(m["codec"].get("name"), str)
+         and all(isinstance(m["codec"].get(k), int) and m["codec"][k] > 0 for k in ("k", "vocab_size", "record_bytes")),
+         "{name, k, vocab_size, record_bytes > 0}"),
+        ("data", lambda: isinstance(m["data"], dict) and all(isinstance(m["data"].get(k), int) and m["data"][k] >= 0
+                                                             for k in ("samples", "targets")),
+         "{samples, targets: counts}"),
+        ("shards", lambda: isinstance(m["shards"], dict) and all(
+            _SHARD.fullmatch(name) and isinstance(e, dict) and isinstance(e.get("files"), dict)
+            for name, e in m["shards"].items()), '{"shard-NNNNN": {"files": {...}}}'),
+    ]
+    for key, check, want in checks:
+        try:
+            ok = bool(check())
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            return bad(key, False, want)
+    allowed = set(expected_files(m))
+    for shard, entry in m["shards"].items():
+        for fname, rec in entry["files"].items():
+            key = f"shards.{shard}.files.{fname}"
+            if fname not in allowed:
+                return f"{key}: not a file of this cache (expected one of {sorted(allowed)})"
+            if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and rec["bytes"] >= 0
+                    and isinstance(rec.get("sha256"), str) and _HEX64.fullmatch(rec["sha256"])):
+                return f"{key}: expected {{bytes: int, sha256: 64 hex digits}}"
+    order = m["codec"].get("id_order")
+    if order is not None and not (isinstance(order, dict) and order.get("file") == codec_vk.ID_ORDER_FILE):
+        return f"codec.id_order.file: expected {codec_vk.ID_ORDER_FILE!r}"
+    return None
+
+
+def _checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
-    write_json_atomic(Path(cache_dir) / NAME, manifest)
+    """Write the manifest atomically with a `checksum` of the rest of it, so that a byte flipped in
+    a value (still valid JSON) or a hand edit is refused instead of trusted."""
+    manifest.pop("checksum", None)
+    write_json_atomic(Path(cache_dir) / NAME, manifest | {"checksum": _checksum(manifest)})
 
 
 @contextmanager
@@ -111,6 +183,38 @@ def locked(cache_dir: Path):
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def capture_lock_path(cache_dir: Path) -> Path:
+    """`<parent>/.<cache name>.capture.lock`: beside the cache, so that a capture refused before it
+    writes anything (bad data, a busy cache) leaves no cache directory behind."""
+    cache_dir = Path(cache_dir)
+    return cache_dir.parent / f".{cache_dir.name}.capture.lock"
+
+
+@contextmanager
+def capture_lock(cache_dir: Path):
+    """Held by the main process of a capture for all of it: a second `distill cache` on the same
+    cache directory (another shell, a retried job) refuses at once instead of racing the first one
+    for the same shards. The lock is the kernel's (flock), so a killed capture never leaves it held."""
+    cache_dir = Path(cache_dir)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(capture_lock_path(cache_dir), "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise CacheError(f"{cache_dir}: another `distill cache` (pid {holder}) is capturing into this cache; "
+                             "wait for it to finish, or stop it and rerun (a capture resumes)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
         try:
             yield
         finally:
@@ -265,17 +369,18 @@ def _short(v) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def difference(cached, expected, path: str = "") -> str | None:
-    """The first difference between two JSON values, by path: 'teachers[1].revision: cache has 'a', recipe has 'b''."""
+def difference(cached, expected, path: str = "", what: str = "cache") -> str | None:
+    """The first difference between two JSON values, by path: 'teachers[1].revision: cache has 'a', recipe has 'b''
+    (`what` names the artifact the first value comes from: cache, checkpoint)."""
     if isinstance(cached, dict) and isinstance(expected, dict):
         for k in list(expected) + [k for k in cached if k not in expected]:
-            found = difference(cached.get(k), expected.get(k), f"{path}.{k}" if path else k)
+            found = difference(cached.get(k), expected.get(k), f"{path}.{k}" if path else k, what)
             if found:
                 return found
         return None
     if isinstance(cached, list) and isinstance(expected, list) and len(cached) == len(expected):
         for i, (a, b) in enumerate(zip(cached, expected)):
-            found = difference(a, b, f"{path}[{i}]")
+            found = difference(a, b, f"{path}[{i}]", what)
             if found:
                 return found
         return None
@@ -287,7 +392,7 @@ def difference(cached, expected, path: str = "") -> str | None:
         return (f"{path.removesuffix('.sha256')}.path: the file's contents changed since the cache was made "
                 f"(sha256 {_short(cached)} in the cache, {_short(expected)} now)")
     key = f"{path} ({_RECIPE_KEYS[path]})" if path in _RECIPE_KEYS else path
-    return f"{key}: cache has {_short(cached)}, recipe has {_short(expected)}"
+    return f"{key}: {what} has {_short(cached)}, recipe has {_short(expected)}"
 
 
 # Manifest paths whose recipe key has another name.

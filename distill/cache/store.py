@@ -33,9 +33,18 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.cache.manifest import cached_teachers, codec_from_manifest, read_manifest, teacher_file
+from distill.cache.manifest import TOKEN_FILES, cached_teachers, expected_files, codec_from_manifest, read_manifest, teacher_file
 from distill.errors import CacheError
 from distill.files import sha256_file
+
+
+# dtype and rank of each token file (the layout above)
+_FORMS = {"input_ids.npy": (np.int32, 1), "target_mask.npy": (np.uint8, 1), "sample_offsets.npy": (np.int64, 1),
+          "row_offsets.npy": (np.int64, 1), "domains.npy": (np.int16, 1)}
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
 
 
 @dataclass
@@ -70,16 +79,56 @@ class CacheReader:
         self._shards: list[_Shard] = []
         self._starts: list[int] = []
         first = 0
+        rows = 0
         for name in sorted(self.manifest["shards"]):
             d = self.dir / name
-            load = lambda f: np.load(d / f, mmap_mode="r", allow_pickle=False)  # noqa: E731
-            shard = _Shard(name, first, load("input_ids.npy"), load("target_mask.npy"),
-                           load("sample_offsets.npy"), load("row_offsets.npy"), load("domains.npy"),
-                           [load(teacher_file(t)) for t in self.cached_names])
+            shard = _Shard(name, first, *(self._load(d / f, *_FORMS[f]) for f in TOKEN_FILES),
+                           [self._load(d / teacher_file(t), np.uint8, 2) for t in self.cached_names])
+            self._check_shard(shard, d)
             self._shards.append(shard)
             self._starts.append(first)
             first += len(shard.sample_offsets) - 1
+            rows += int(shard.row_offsets[-1])
         self.n_samples = first
+        data = self.manifest["data"]
+        if (first, rows) != (data["samples"], data["targets"]):
+            raise CacheError(f"{self.dir / 'manifest.json'}: data.samples / data.targets say {data['samples']} / "
+                             f"{data['targets']}, the shards hold {first} / {rows} (corrupt or edited manifest)")
+
+    @staticmethod
+    def _load(path: Path, dtype, ndim: int) -> np.ndarray:
+        """Map one .npy file, refusing (by name) a header that is not the documented dtype and rank.
+
+        Without `verify="full"` a byte flipped in a header is only caught here: numpy either
+        fails to parse it or maps a wrong dtype/shape, and either is named as corruption."""
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise CacheError(f"{path}: missing cache file") from None
+        except (ValueError, OSError, EOFError) as exc:  # numpy's header parser and mmap raise these
+            raise CacheError(f"{path}: not a readable .npy file ({_first_line(exc)}): corrupt cache; "
+                             "`distill cache verify` names every bad file") from None
+        if arr.dtype != np.dtype(dtype) or arr.ndim != ndim:
+            raise CacheError(f"{path}: header says {arr.dtype} with {arr.ndim} dimension(s), expected "
+                             f"{np.dtype(dtype)} with {ndim}: corrupt cache file")
+        return arr
+
+    def _check_shard(self, s: _Shard, d: Path) -> None:
+        """The offsets agree with the arrays they index (a few reads, not a pass over the data)."""
+        n = len(s.sample_offsets) - 1
+        problems = [
+            ("sample_offsets.npy", n >= 1 and len(s.row_offsets) == n + 1 and len(s.domains) == n,
+             "one offset per sample plus one, as row_offsets.npy and domains.npy say"),
+            ("sample_offsets.npy", n >= 1 and int(s.sample_offsets[0]) == 0
+             and int(s.sample_offsets[-1]) == len(s.input_ids) == len(s.target_mask),
+             "offsets from 0 to the number of tokens in input_ids.npy and target_mask.npy"),
+            ("row_offsets.npy", n >= 1 and int(s.row_offsets[0]) == 0
+             and all(int(s.row_offsets[-1]) == len(t) for t in s.teachers), "offsets from 0 to every teacher's rows"),
+        ] + [(teacher_file(name), t.shape[1:] == (self.record_bytes,), f"{self.record_bytes}-byte records")
+             for name, t in zip(self.cached_names, s.teachers)]
+        for fname, ok, want in problems:
+            if not ok:
+                raise CacheError(f"{d / fname}: does not hold {want} (corrupt cache file)")
 
     def __len__(self) -> int:
         return self.n_samples
@@ -97,6 +146,11 @@ class CacheReader:
             if "sha256" not in order:
                 raise CacheError(f"{self.dir / order['file']}: id order missing from the manifest")
             files.insert(0, ("", order["file"], order))
+        for shard, entry in sorted(self.manifest["shards"].items()):
+            missing = [f for f in expected_files(self.manifest) if f not in entry["files"]]
+            if missing and self.manifest["complete"]:
+                raise CacheError(f"{self.dir / 'manifest.json'}: shards.{shard}.files lacks {missing[0]} in a cache "
+                                 "marked complete (corrupt or edited manifest)")
         for shard, fname, rec in files:
             path = self.dir / shard / fname
             if not path.is_file():
