@@ -26,6 +26,7 @@ from pathlib import Path
 from distill.distributed import partial_state
 from distill.errors import DistillError
 from distill.gguf import DTYPES
+from distill.secrets import scrub, scrubbed_streams
 
 STAGES = ("validate", "cache", "train", "eval", "publish", "run")
 
@@ -188,19 +189,32 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
 def main(argv: list[str] | None = None) -> None:
     start = time.time()
     args = _parser().parse_args(argv)
+    with scrubbed_streams():  # no credential reaches the terminal or a log file, whatever prints it
+        code = _guarded(args, start)
+        sys.stdout.flush()
+    sys.exit(code)
+
+
+def _guarded(args: argparse.Namespace, start: float) -> int:
+    """The command's exit status: a user mistake (DistillError) or a full disk is one line and 2."""
     try:
-        code = dispatch(args, start)
+        return dispatch(args, start)
     except DistillError as exc:
-        print(f"distill: error: {exc}", file=sys.stderr)
-        code = 2
+        _error(str(exc))
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            print(f"distill: error: no space left on device writing {exc.filename or 'output'}", file=sys.stderr)
-            code = 2
-        else:
+        if exc.errno not in _FULL:
             raise
+        what = "the file size limit (RLIMIT_FSIZE) reached" if exc.errno == errno.EFBIG else "no space left on device"
+        _error(f"{what} writing {exc.filename or 'output'}; free space and rerun (finished files are kept, the "
+               "unfinished one was never renamed into place)")
     except KeyboardInterrupt:
         print("distill: interrupted", file=sys.stderr)
-        code = 130
-    sys.stdout.flush()
-    sys.exit(code)
+        return 130
+    return 2
+
+
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _error(message: str) -> None:
+    print("distill: error: " + scrub(" ".join(message.split())), file=sys.stderr)  # one line, always

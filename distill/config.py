@@ -282,6 +282,9 @@ class Recipe:
     run_dir: str = "runs/{name}"
     seed: int = 0
     trust_remote_code: bool = False
+    # Read pickle weights (pytorch_model.bin, adapter_model.bin) where a model or adapter has no
+    # safetensors. Off: such a model is refused by name, since unpickling runs code.
+    allow_pickle: bool = False
     tokenizer: Optional[str] = None  # default: the student's tokenizer
     cache: CacheConfig = field(default_factory=CacheConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -399,12 +402,20 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def plain_name(name: str) -> bool:
+    """A name that becomes one path component under the run directory: no separator, no '..'."""
+    return bool(re.fullmatch(r"[\w][\w.-]*", name or ""))
+
+
 def validate(r: Recipe) -> None:
     """Cross-field and range checks, section by section. Raises ConfigError naming the key.
 
     Some values are resolved here (cache.top_k, cache.id_order, train.online_teachers, merge
     defaults), so that the saved recipe shows what was used."""
     _require(bool(r.name.strip()), "name", "must not be empty")
+    # the default run_dir is runs/{name}: a name never picks another directory
+    _require("/" not in r.name and "\\" not in r.name and not r.name.startswith("."), "name",
+             f"must not hold '/' or '\\' or start with '.', got {r.name!r}")
     names = _validate_teachers(r)
     _validate_student(r)
     _validate_data(r, names)
@@ -546,6 +557,8 @@ def _validate_eval(r: Recipe, names: set[str]) -> None:
     eval_names = {"student", *names}
     for i, m in enumerate(e.models):
         key = f"eval.models[{i}]"
+        _require(plain_name(m.name), f"{key}.name", f"must be letters, digits, '.', '-' or '_' (a folder name "
+                 f"under the run directory), got {m.name!r}")
         _require(m.name not in eval_names, f"{key}.name", f"duplicate model name {m.name!r}")
         eval_names.add(m.name)
         _require((m.model is None) != (not m.merge), f"{key}",

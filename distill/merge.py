@@ -27,7 +27,7 @@ from peft.utils import merge_utils
 
 from distill.config import MergeConfig, Recipe, TeacherConfig
 from distill.errors import DistillError
-from distill.models import load_model, load_tokenizer, save_pretrained
+from distill.models import adapter_source, load_model, load_tokenizer, save_pretrained
 from distill.schema import to_dict
 
 _MERGERS = {
@@ -50,7 +50,8 @@ def merge_tensors(vectors: list[torch.Tensor], m: MergeConfig) -> torch.Tensor:
 
 def _materialise(t: TeacherConfig, recipe: Recipe):
     model = load_model(t.model, revision=t.revision, gguf_file=t.gguf_file, dtype="float32",
-                       adapter=t.adapter, trust_remote_code=recipe.trust_remote_code, what=f"teacher {t.name}")
+                       adapter=t.adapter, trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
+                       what=f"teacher {t.name}")
     if t.adapter:
         model = model.merge_and_unload()
     return model
@@ -60,7 +61,7 @@ def _load_base(recipe: Recipe, ref: str):
     # A base named by a teacher's `model` loads as that teacher does (revision, GGUF file).
     like = next((t for t in recipe.teachers if t.model == ref), None)
     return load_model(ref, revision=like and like.revision, gguf_file=like and like.gguf_file, dtype="float32",
-                      trust_remote_code=recipe.trust_remote_code, what="merge base")
+                      trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle, what="merge base")
 
 
 def _floats(model) -> dict[str, torch.Tensor]:
@@ -140,7 +141,8 @@ def init_from_merge(recipe: Recipe, model) -> None:
     teachers = {t.name: t for t in recipe.teachers}
     names = [f"init_{n}" for n in m.merge]
     for name, adapter in zip(m.merge, names):
-        model.load_adapter(teachers[name].adapter, adapter_name=adapter)
+        model.load_adapter(adapter_source(teachers[name].adapter, f"teacher {name} adapter", recipe.allow_pickle),
+                           adapter_name=adapter)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.seed)
         model.add_weighted_adapter(names, m.weights, "init_merged", combination_type=_SVD_TYPES[m.method],

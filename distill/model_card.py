@@ -33,50 +33,10 @@ import yaml
 
 from distill.config import Recipe, looks_local, recipe_dict
 from distill.report import is_student, primary
+from distill.secrets import redact, scrub, secret_values
 
-REDACTED = "<redacted>"
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY")
-# A whole name part: HF_TOKEN, WANDB_API_KEY, hub_token, but not shard_tokens or max_new_tokens.
-_SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_?key|access_?key)$", re.I)
-_HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 KINDS = {"multiple_choice": "Multiple choice (answer log-likelihood)",
          "generate_number": "Generation (numeric answer)", "generate_exact": "Generation (exact match)"}
-
-
-# ---------------------------------------------------------------- secrets
-
-
-def secret_values() -> set[str]:
-    """Credential values this process could leak: the known variables, any *TOKEN*/*KEY*-like variable,
-    and the Hub login file's token (read as a file: no refresh, no network)."""
-    values = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
-    values |= {v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 8}
-    try:
-        from huggingface_hub import constants
-
-        path = Path(constants.HF_TOKEN_PATH)
-        if path.is_file():
-            values.add(path.read_text().strip())
-    except (ImportError, OSError, AttributeError):
-        pass
-    return {v for v in values if len(v) >= 8}  # a short value would redact ordinary words
-
-
-def scrub(text: str, secrets: set[str] | None = None) -> str:
-    for value in sorted(secret_values() if secrets is None else secrets, key=len, reverse=True):
-        text = text.replace(value, REDACTED)
-    return _HUB_TOKEN.sub(REDACTED, text)
-
-
-def redact(obj, secrets: set[str] | None = None):
-    """A copy of `obj` (the recipe as a dict) with credential-like values replaced."""
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(obj, dict):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) and obj[k] not in (None, "", False)
-                else redact(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v, secrets) for v in obj]
-    return scrub(obj, secrets) if isinstance(obj, str) else obj
 
 
 # ---------------------------------------------------------------- licence

@@ -15,7 +15,8 @@ def model_entry(name: str, recipe: Recipe, model: str, adapter: str | None = Non
                 revision: str | None = None) -> ModelEntry:
     def load():
         m = load_model(model, revision=revision, gguf_file=gguf_file, adapter=adapter,
-                       trust_remote_code=recipe.trust_remote_code, what=f"eval model {name}")
+                       trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
+                       what=f"eval model {name}")
         tok = load_tokenizer(model, revision=revision, gguf_file=gguf_file,
                              trust_remote_code=recipe.trust_remote_code, what=f"eval model {name}")
         return m.eval(), tok

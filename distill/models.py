@@ -66,16 +66,37 @@ def load_tokenizer(ref: str, *, revision: str | None = None, gguf_file: str | No
         tok = AutoTokenizer.from_pretrained(src, revision=revision, gguf_file=gguf_file,
                                             trust_remote_code=trust_remote_code)
     except _load_errors() as exc:
-        raise _hub_error(ref, what, exc) from None
+        raise _remote_code_error(ref, what, exc) or _hub_error(ref, what, exc) from None
     if tok.pad_token is None:
         # Padding is only ever masked out; EOS is the conventional stand-in.
         tok.pad_token = tok.eos_token
     return tok
 
 
+PICKLE_HINT = ("distill reads weights through safetensors only (unpickling runs code): convert them, or set "
+               "allow_pickle: true in the recipe for a source you trust")
+
+
+def _refuse_pickle_only(src: str, ref: str, what: str) -> None:
+    """A local model folder with pickle weights and no safetensors is refused by name (transformers
+    would say only that model.safetensors is missing)."""
+    folder = Path(src)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickles:
+            raise DistillError(f"{what}: {ref!r} holds its weights only as a pickle ({pickles[0]}); {PICKLE_HINT}")
+
+
+def _remote_code_error(ref: str, what: str, exc: Exception) -> DistillError | None:
+    if "trust_remote_code" in str(exc):
+        return DistillError(f"{what}: {ref!r} needs its own Python code to load (auto_map); distill runs none "
+                            "unless the recipe sets trust_remote_code: true (only for a source you trust)")
+    return None
+
+
 def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None = None,
                dtype: str | torch.dtype = "auto", quantization: str = "none", adapter: str | None = None,
-               trust_remote_code: bool = False, device: torch.device | str | None = None,
+               trust_remote_code: bool = False, allow_pickle: bool = False, device: torch.device | str | None = None,
                what: str = "model"):
     """A causal LM ready for inference or training; LoRA `adapter` attached (not merged) when given.
 
@@ -84,12 +105,14 @@ def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None =
     from transformers import AutoModelForCausalLM
 
     src = _check_ref(ref, what)
+    if not (allow_pickle or gguf_file):
+        _refuse_pickle_only(src, ref, what)
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
                     "dtype": resolve_dtype(dtype, device)}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    else:
-        kwargs["use_safetensors"] = True
+    else:  # None: safetensors when there are any, else transformers' own (weights-only) pickle loader
+        kwargs["use_safetensors"] = None if allow_pickle else True
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"], what)
         if device is not None:
@@ -99,13 +122,13 @@ def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None =
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except _load_errors() as exc:
-        raise _hub_error(ref, what, exc) from None
+        raise _remote_code_error(ref, what, exc) or _hub_error(ref, what, exc) from None
     if device is not None and quantization == "none":
         model.to(device)
     if quantization == "4bit":
         _check_cpu_4bit(model, what)
     if adapter:
-        model = attach_adapter(model, adapter, name="default", what=what)
+        model = attach_adapter(model, adapter, name="default", what=what, allow_pickle=allow_pickle)
     return model
 
 
@@ -163,11 +186,32 @@ def _check_cpu_4bit(model, what: str) -> None:
                                f"{name} is {m.in_features} -> {m.out_features} (use 8bit, none, or a GPU)")
 
 
-def attach_adapter(model, adapter: str, *, name: str, what: str = "adapter"):
+def adapter_source(ref: str, what: str, allow_pickle: bool = False) -> str:
+    """A local folder to load the LoRA adapter `ref` (path or Hub id) from, with its weights in
+    safetensors unless `allow_pickle` (peft would otherwise fall back to a pickle adapter_model.bin,
+    and unpickling runs code). A Hub adapter is fetched without its pickle files."""
+    src = _check_ref(ref, what)
+    if allow_pickle:
+        return src
+    if not os.path.isdir(src):
+        from huggingface_hub import snapshot_download
+
+        try:
+            src = snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.md"])
+        except Exception as exc:  # offline, a typo, no access: one line naming the value
+            raise _hub_error(ref, what, exc) from None
+    if not (Path(src) / "adapter_model.safetensors").is_file():
+        pickles = sorted(p.name for p in Path(src).glob("*.bin")) if os.path.isdir(ref) else []
+        held = f"holds its weights only as a pickle ({pickles[0]})" if pickles else "has no adapter_model.safetensors"
+        raise DistillError(f"{what}: {ref!r} {held}; {PICKLE_HINT}")
+    return src
+
+
+def attach_adapter(model, adapter: str, *, name: str, what: str = "adapter", allow_pickle: bool = False):
     """Attach a PEFT LoRA adapter (path or Hub id) under `name`, without merging."""
     from peft import PeftModel
 
-    src = _check_ref(adapter, what)
+    src = adapter_source(adapter, what, allow_pickle)
     try:
         if hasattr(model, "load_adapter") and hasattr(model, "peft_config"):
             model.load_adapter(src, adapter_name=name)
@@ -208,7 +252,8 @@ def config_vocab_size(ref: str, *, revision: str | None = None, gguf_file: str |
         cfg = AutoConfig.from_pretrained(src, revision=revision, gguf_file=gguf_file,
                                          trust_remote_code=trust_remote_code)
     except _load_errors() as exc:
-        raise DistillError(f"{what}: cannot read config of {ref!r} ({str(exc)[:150]})") from None
+        raise _remote_code_error(ref, what, exc) or DistillError(f"{what}: cannot read config of {ref!r} "
+                                                                 f"({str(exc)[:150]})") from None
     return int(cfg.get_text_config().vocab_size)
 
 

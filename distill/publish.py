@@ -30,7 +30,8 @@ from pathlib import Path
 
 from distill.config import Recipe
 from distill.errors import DistillError
-from distill.model_card import build_card, scrub
+from distill.model_card import build_card
+from distill.secrets import scrub
 
 FOLDER = "publish"
 # What a model folder may hold: weights in safetensors only; configs, tokenizer files, the chat

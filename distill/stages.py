@@ -23,6 +23,7 @@ import yaml
 
 from distill.config import Recipe, load_recipe, recipe_dict
 from distill.errors import DistillError
+from distill.secrets import redact
 
 
 TIMINGS = "timings.json"
@@ -88,7 +89,7 @@ def show(recipe: Recipe, recipe_path: str, overrides: list[str]) -> None:
 def prepare_run_dir(recipe: Recipe, recipe_path: str, overrides: list[str], log=print) -> Path:
     run = Path(recipe.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(recipe_dict(recipe), sort_keys=False)
+    text = yaml.safe_dump(redact(recipe_dict(recipe)), sort_keys=False)  # no credential-like value on disk
     (run / "recipe.resolved.yaml").write_text(text)
     set_lines = [ln for ln in explain(recipe, recipe_path, overrides) if not ln.endswith("(default)")]
     log(f"run {recipe.name} -> {run} ({len(set_lines)} values set by the recipe or overrides, "

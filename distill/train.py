@@ -41,6 +41,7 @@ from distill.errors import DistillError
 from distill.models import (check_param_limit, config_vocab_size, load_model, load_tokenizer, resolve_dtype,
                             save_pretrained, tokenizer_fingerprint)
 from distill.progress import progress
+from distill.secrets import redact
 from distill.signals import CachedTeachers, Teachers, load_live_teachers
 from distill.step import NonFiniteStep, StudentWithLoss, TrainStep
 
@@ -144,7 +145,7 @@ def build_student(recipe: Recipe, device, ds_dtype: torch.dtype | None = None):
     s = recipe.student
     load_dtype, train_dtype = student_dtypes(recipe, device, ds_dtype)
     model = load_model(s.model, revision=s.revision, gguf_file=s.gguf_file, dtype=load_dtype,
-                       trust_remote_code=recipe.trust_remote_code, what="student.model")
+                       trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle, what="student.model")
     check_param_limit(model, s.max_params)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -376,7 +377,7 @@ def _init_trackers(acc, recipe: Recipe, run_dir: Path) -> None:
         init = {"mode": recipe.wandb.mode, "dir": str(run_dir), "name": recipe.wandb.run_name or recipe.name}
         if recipe.wandb.entity:
             init["entity"] = recipe.wandb.entity
-        acc.init_trackers(recipe.wandb.project, config=recipe_dict(recipe), init_kwargs={"wandb": init})
+        acc.init_trackers(recipe.wandb.project, config=redact(recipe_dict(recipe)), init_kwargs={"wandb": redact(init)})
 
 
 def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, log=print) -> TrainResult:

@@ -189,7 +189,7 @@ def test_licence_from_base_and_teachers(tmp_path, tiny_world, licences, override
 
 
 def test_redact_hides_credential_like_values_only(monkeypatch):
-    from distill.model_card import REDACTED, redact
+    from distill.secrets import REDACTED, redact
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE["WANDB_API_KEY"])
     got = redact({"wandb": {"run_name": f"x {FAKE['HF_TOKEN']}", "api_key": "abc", "entity": FAKE["WANDB_API_KEY"]},

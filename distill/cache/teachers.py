@@ -32,10 +32,11 @@ def load_group(group: list[TeacherConfig], recipe: Recipe, device):
     first = group[0]
     model = load_model(first.model, revision=first.revision, gguf_file=first.gguf_file, dtype=first.dtype,
                        quantization=first.quantization, trust_remote_code=recipe.trust_remote_code,
-                       device=device, what=f"teacher {first.name}")
+                       allow_pickle=recipe.allow_pickle, device=device, what=f"teacher {first.name}")
     for t in group:
         if t.adapter:
-            model = attach_adapter(model, t.adapter, name=t.name, what=f"teacher {t.name} adapter")
+            model = attach_adapter(model, t.adapter, name=t.name, what=f"teacher {t.name} adapter",
+                                   allow_pickle=recipe.allow_pickle)
     model.eval()
     return model
 

@@ -21,6 +21,7 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from distill.config import plain_name
 from distill.errors import ConfigError, DistillError
 from distill.schema import build
 
@@ -186,6 +187,8 @@ def load_task(name_or_path: str) -> TaskSpec:
         raise DistillError(f"{path}: {exc}{hint}") from None
     spec.source = str(path)
     spec.name = spec.name or path.stem
+    if not plain_name(spec.name):  # it names the predictions file under the run directory
+        raise DistillError(f"{path}: name: must be letters, digits, '.', '-' or '_', got {spec.name!r}")
     if isinstance(spec.dataset, str):
         spec.dataset = DatasetSpec(path=spec.dataset)
     base = path.parent
