@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from distill.files import sha256_file, write_json_atomic
+from distill.files import disk_full, sha256_file, write_json_atomic
 from distill.errors import DistillError
 
 PREFIX = "step-"
@@ -135,3 +136,19 @@ def check_recipe(folder: Path, recipe) -> None:
         if diff:
             raise DistillError(f"--resume: {folder} is a checkpoint of another recipe: {diff} (resume with the "
                                "recipe it was made with, or train into a new run_dir)")
+
+
+@contextmanager
+def save_guard(what: str, root: Path):
+    """A save that fails for want of disk space becomes one line naming the last complete checkpoint
+    (the unfinished one is a `.tmp` folder that no resume reads)."""
+    try:
+        yield
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        last = latest(root)
+        kept = f"the last complete checkpoint is {last}" if last else "no checkpoint is complete yet"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DistillError(f"{what}: out of disk space or over the file size limit ({first}); {kept}; free space "
+                           "and rerun with --resume") from None

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from distill.distributed import partial_state
 from distill.errors import DistillError
+from distill.files import FULL
 from distill.gguf import DTYPES
 from distill.secrets import scrub, scrubbed_streams
 
@@ -202,7 +203,7 @@ def _guarded(args: argparse.Namespace, start: float) -> int:
     except DistillError as exc:
         _error(str(exc))
     except OSError as exc:
-        if exc.errno not in _FULL:
+        if exc.errno not in FULL:
             raise
         what = "the file size limit (RLIMIT_FSIZE) reached" if exc.errno == errno.EFBIG else "no space left on device"
         _error(f"{what} writing {exc.filename or 'output'}; free space and rerun (finished files are kept, the "
@@ -211,9 +212,6 @@ def _guarded(args: argparse.Namespace, start: float) -> int:
         print("distill: interrupted", file=sys.stderr)
         return 130
     return 2
-
-
-_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def _error(message: str) -> None:

@@ -21,3 +21,10 @@ class ConfigError(DistillError):
 
 class CacheError(DistillError):
     """The teacher cache is missing, corrupt, or does not match the recipe."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError, or Python's MemoryError."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+        or any(t in str(exc) for t in ("can't allocate memory", "CUDA out of memory", "out of memory"))

@@ -37,7 +37,7 @@ from distill.cache.store import CacheReader
 from distill.cache.tail import student_codec
 from distill.distributed import accelerate_cpu, gloo_needed
 from distill.config import Recipe, recipe_dict
-from distill.errors import DistillError
+from distill.errors import DistillError, out_of_memory
 from distill.models import (check_param_limit, config_vocab_size, load_model, load_tokenizer, resolve_dtype,
                             save_pretrained, tokenizer_fingerprint)
 from distill.progress import progress
@@ -229,7 +229,11 @@ def _save_student(acc, wrapped, tok, out: Path, checkpoint_dir: Path | None = No
         state = {k.removeprefix("student."): v for k, v in state.items()}
         if hasattr(model, "merge_and_unload"):
             adapter_dir = out.with_name(out.name + "_adapter")
-            model.save_pretrained(adapter_dir)
+            tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")  # renamed whole into place, as the student
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            os.replace(tmp, adapter_dir)
             merged = copy.deepcopy(model).merge_and_unload()
             save_pretrained(merged, tok, out)
         else:
@@ -254,9 +258,10 @@ def _record_dtype(config: Path, state: dict) -> None:
 
 def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) -> Path:
     tmp = ckpt.tmp_path(root, step)
-    acc.save_state(str(tmp))  # collective under DeepSpeed
-    acc.wait_for_everyone()
-    final = ckpt.finalize(root, step, state, keep_last) if acc.is_main_process else root / tmp.name[:-4]
+    with ckpt.save_guard(f"saving checkpoint {tmp}", root):
+        acc.save_state(str(tmp))  # collective under DeepSpeed
+        acc.wait_for_everyone()
+        final = ckpt.finalize(root, step, state, keep_last) if acc.is_main_process else root / tmp.name[:-4]
     acc.wait_for_everyone()
     return final
 
@@ -416,7 +421,8 @@ def save_final(recipe: Recipe, s: Setup, step: int, micro: int, tokens_seen: int
     final_ckpt = _save_checkpoint(s.acc, run_dir / "checkpoints", step,
                                   {"step": step, "micro": micro, "tokens": tokens_seen,
                                    "recipe": ckpt.recipe_identity(recipe)}, recipe.train.keep_last)
-    _save_student(s.acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
+    with ckpt.save_guard(f"saving the student to {run_dir / 'student'}", run_dir / "checkpoints"):
+        _save_student(s.acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
     return final_ckpt
 
 
@@ -445,10 +451,15 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
             # every checkpoint on disk holds finite weights.
             out = s.step_fn([next(micro_batches) for _ in range(t.grad_accum)], norm)
         except NonFiniteStep as exc:
-            last = ckpt.latest(ckpt_root)
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-            raise DistillError(f"training diverged at step {step + 1}: {exc}; {kept} "
+            raise DistillError(f"training diverged at step {step + 1}: {exc}; {_kept(ckpt_root)} "
                                "(try a lower train.lr or train.max_grad_norm)") from None
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            raise DistillError(f"out of memory at step {step + 1} with train.batch_size {t.batch_size}: lower it "
+                               "(and raise train.grad_accum to keep the global batch), or set "
+                               "student.gradient_checkpointing: true or a smaller loss.chunk_size; "
+                               f"{_kept(ckpt_root)}") from None
         micro += t.grad_accum
         for key in ("loss", "tokens", "div", "share"):
             window[key] = out[key] if window[key] is None else window[key] + out[key]
@@ -467,6 +478,11 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
     if window["tokens"] is not None:
         last_loss = _log(acc, bar, window, step, s.step_fn.sched, recipe, history)
     return step, micro, tokens_seen, stopped_by, last_loss
+
+
+def _kept(ckpt_root: Path) -> str:
+    last = ckpt.latest(ckpt_root)
+    return f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
 
 
 def _agree(acc, flag: bool) -> bool:

@@ -25,6 +25,7 @@ captured first, so a recipe whose experts share one base loads it once in all.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from distill.cache.generate import run_generation
 from distill.cache.teachers import Active, GroupLoader, groups
 from distill.config import Recipe
 from distill.data import Sample, load_samples
-from distill.errors import CacheError, DistillError
+from distill.errors import CacheError, DistillError, out_of_memory
 from distill.progress import progress
 from distill.files import write_npy_atomic
 from distill.logits import decoder, logit_transform, model_logits
@@ -186,7 +187,13 @@ def shard_rows(model, samples: list[Sample], codec, batch_size: int, pad_id: int
     for idx in _batches(samples, batch_size):
         ids, attn, select = _pad(samples, idx, pad_id, device)
         clock: dict[str, float] = {}
-        top_ids, top_lp, res = teacher_topk(model, ids, attn, select, codec.k, clock=clock)
+        try:
+            top_ids, top_lp, res = teacher_topk(model, ids, attn, select, codec.k, clock=clock)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            raise DistillError(f"out of memory running a teacher on {len(idx)} samples of up to {ids.shape[1]} "
+                               f"tokens: lower cache.batch_size ({batch_size}) or data.max_length") from None
         _check_finite(top_lp, res, select, idx, first)
         t1 = time.perf_counter()
         records = codec.encode(top_ids, top_lp, res).cpu().numpy()
@@ -261,6 +268,35 @@ def run_capture(recipe: Recipe, state=None) -> CaptureReport:
         return _capture(recipe, rank, world, device, main, barrier, tok, tok_fp, vocab_size)
 
 
+_NPY_HEADER = 128  # bytes of a .npy header: numpy pads it to a multiple of 64
+
+
+def bytes_to_write(manifest: dict) -> int:
+    """Bytes of the cache files `manifest` does not list yet (their sizes follow from the shard plan
+    and the codec's fixed record size), headers included."""
+    rb = manifest["codec"]["record_bytes"]
+    need = 0
+    for e in manifest["shards"].values():
+        n = e["samples"][1] - e["samples"][0]
+        sizes = {"input_ids.npy": 4 * e["tokens"], "target_mask.npy": e["tokens"], "sample_offsets.npy": 8 * (n + 1),
+                 "row_offsets.npy": 8 * (n + 1), "domains.npy": 2 * n}
+        sizes |= {mf.teacher_file(t): rb * e["rows"] for t in mf.cached_teachers(manifest)}
+        need += sum(_NPY_HEADER + b for f, b in sizes.items() if f not in e["files"])
+    order = manifest["codec"].get("id_order")
+    if order is not None and "sha256" not in order:
+        need += _NPY_HEADER + 4 * manifest["codec"]["vocab_size"]
+    return need
+
+
+def check_free_space(cache_dir: Path, manifest: dict) -> None:
+    """Refuse, before any teacher runs, a capture whose files cannot fit on the cache's disk."""
+    need, free = bytes_to_write(manifest), shutil.disk_usage(cache_dir).free
+    if need > free:
+        raise CacheError(f"{cache_dir}: the cache needs {need / 2**20:.1f} MiB more and its disk has "
+                         f"{free / 2**20:.1f} MiB free; free space or set cache.dir on a larger disk (no teacher "
+                         "has run; rerun to resume)")
+
+
 def _capture(recipe: Recipe, rank: int, world: int, device, main: bool, barrier, tok, tok_fp: str,
              vocab_size: int) -> CaptureReport:
     cache_dir = Path(recipe.cache.dir)
@@ -280,7 +316,7 @@ def _capture(recipe: Recipe, rank: int, world: int, device, main: bool, barrier,
                          generation.get("record"))
     report.data_summary = stats.summary()
     if main:
-        mf.open_or_create(cache_dir, fresh, recipe.cache.rebuild)
+        check_free_space(cache_dir, mf.open_or_create(cache_dir, fresh, recipe.cache.rebuild))
     barrier()
     if main and recipe.cache.id_order == "teacher":
         ensure_id_order(recipe, cache_dir, samples, loader, tok.pad_token_id, vocab_size, device, report)
