@@ -342,7 +342,9 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(str(path), "recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start}; a binary file?)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -379,6 +381,15 @@ def _mentions(obj: Any, text: str) -> bool:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, type-check, substitute and validate a recipe."""
     path = Path(path)
+    try:
+        return _load(path, overrides)
+    except ConfigError as exc:  # the key's file first: a user may hold several recipes
+        if exc.source is not None or exc.key == str(path):
+            raise
+        raise ConfigError(exc.key, exc.message, source=str(path)) from None
+
+
+def _load(path: Path, overrides) -> Recipe:
     data = _read_yaml(path)
     for text in overrides:
         parts, value = parse_override(text)

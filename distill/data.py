@@ -74,34 +74,79 @@ class DataStats:
         return f"{sum(self.rows.values())} rows ({per}); {self.truncated} truncated, {self.dropped} dropped{gen}"
 
 
-def _read_local(path: Path, src: SourceConfig, key: str) -> list[dict]:
+class Row(dict):
+    """A data row, knowing where in its file it came from ("line 12" of a JSON-lines file, "row 3" of
+    a table), so that an error names the place even after shuffling."""
+
+    def __init__(self, data: dict, where: str):
+        super().__init__(data)
+        self.where = where
+
+
+def _where(row, i: int) -> str:
+    return getattr(row, "where", f"row {i}")
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DistillError(f"{path}: line {line} is not UTF-8 text (byte {exc.start}; a binary file, or another "
+                           "encoding?)") from None
+
+
+def _objects(items, path: Path, unit: str) -> list[Row]:
+    """(number, parsed value) pairs -> rows, refusing any value that is not a JSON object / mapping."""
+    rows = []
+    for n, obj in items:
+        if not isinstance(obj, dict):
+            raise DistillError(f"{path}: {unit} {n} is not an object with fields (got {type(obj).__name__})")
+        rows.append(Row(obj, f"{unit} {n}"))
+    return rows
+
+
+def _read_local(path: Path, src: SourceConfig, key: str) -> list[Row]:
     ext = path.suffix.lower()
     if ext not in _LOCAL_EXT:
         raise DistillError(f"{key}.path: {path} has unsupported extension {ext!r} "
                            f"(expected one of {', '.join(sorted(_LOCAL_EXT))})")
-    try:
-        if ext == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        elif ext == ".json":
-            data = json.loads(path.read_text())
-            rows = data if isinstance(data, list) else data.get(src.split, data.get("data"))
-            if not isinstance(rows, list):
-                raise DistillError(f"{key}.path: {path} must hold a JSON list of rows "
-                                   f"(or a mapping with a {src.split!r} list)")
-        else:
-            import datasets
+    if ext == ".jsonl":
+        parsed = []
+        for n, line in enumerate(_text(path).splitlines(), 1):
+            if line.strip():
+                try:
+                    parsed.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DistillError(f"{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+        return _objects(parsed, path, "line")
+    if ext == ".json":
+        try:
+            data = json.loads(_text(path))
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+        rows = data if isinstance(data, list) else data.get(src.split, data.get("data")) if isinstance(data, dict) \
+            else None
+        if not isinstance(rows, list):
+            raise DistillError(f"{key}.path: {path} must hold a JSON list of rows "
+                               f"(or a mapping with a {src.split!r} list)")
+        return _objects(enumerate(rows), path, "item")
+    import datasets
 
-            rows = list(datasets.load_dataset(_LOCAL_EXT[ext], data_files=str(path), split="train"))
-    except json.JSONDecodeError as exc:
-        raise DistillError(f"{key}.path: {path} is not valid JSON (line {exc.lineno})") from None
-    return rows
+    try:
+        rows = list(datasets.load_dataset(_LOCAL_EXT[ext], data_files=str(path), split="train"))
+    except Exception as exc:  # pyarrow and datasets raise many types for a malformed table
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DistillError(f"{path}: not a readable {ext[1:]} table ({first})") from None
+    return _objects(enumerate(rows), path, "row")
 
 
 def _read_hub(src: SourceConfig, key: str) -> list[dict]:
     import datasets
 
     try:
-        return list(datasets.load_dataset(src.path, src.name, split=src.split))
+        return [Row(r, f"row {n}") for n, r in enumerate(datasets.load_dataset(src.path, src.name, split=src.split))]
     except Exception as exc:  # datasets raises many types for "not found/offline"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DistillError(f"{key}.path: {src.path!r} is not a local file and could not be "
@@ -128,12 +173,25 @@ def read_rows(src: SourceConfig, key: str, seed: int) -> list[dict]:
 
 def _field(row: dict, name: str, key: str, i: int, path: str):
     if not isinstance(row, dict) or name not in row:
-        raise DistillError(f"{path}: row {i} has no field {name!r} (set {key} to the right field name)")
+        raise DistillError(f"{path}: {_where(row, i)} has no field {name!r} (set {key} to the right field name)")
     return row[name]
 
 
 def _encode(tok, text: str, add_special: bool) -> list[int]:
     return tok(text, add_special_tokens=add_special)["input_ids"]
+
+
+def _chat(tok, messages, row, i: int, src: SourceConfig) -> tuple[list[int], list[bool]]:
+    """`_render_chat` of a row's messages, each checked to be {role, content} text; a template that
+    raises on them (roles out of order, say) is named with the row."""
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in messages):
+        raise DistillError(f"{src.path}: {_where(row, i)}: every message must be {{role: text, content: text}}")
+    try:
+        return _render_chat(tok, messages)
+    except Exception as exc:  # jinja's TemplateError, or the template's own raise_exception
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DistillError(f"{src.path}: {_where(row, i)}: the tokenizer's chat template refused it ({first})") from None
 
 
 def _render_chat(tok, messages: list[dict]) -> tuple[list[int], list[bool]]:
@@ -164,17 +222,17 @@ def render(tok, row: dict, src: SourceConfig, i: int, key: str) -> tuple[list[in
     if src.format == "chat":
         messages = _field(row, src.messages_field, f"{key}.messages_field", i, src.path)
         if not isinstance(messages, list) or not messages:
-            raise DistillError(f"{src.path}: row {i} field {src.messages_field!r} must be a non-empty list of messages")
+            raise DistillError(f"{src.path}: {_where(row, i)} field {src.messages_field!r} must be a non-empty list of messages")
         if tok.chat_template is None:
             raise DistillError(f"{key}.format: 'chat' needs a tokenizer with a chat template")
-        return _render_chat(tok, messages)
+        return _chat(tok, messages, row, i, src)
     prompt = str(_field(row, src.prompt_field, f"{key}.prompt_field", i, src.path))
     response = str(_field(row, src.response_field, f"{key}.response_field", i, src.path))
     if src.chat_template:
         if tok.chat_template is None:
             raise DistillError(f"{key}.chat_template: the tokenizer has no chat template")
-        return _render_chat(tok, [{"role": "user", "content": prompt},
-                                  {"role": "assistant", "content": response}])
+        return _chat(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], row, i,
+                     src)
     p_ids = _encode(tok, prompt, True)
     r_ids = _encode(tok, response, False)
     if tok.eos_token_id is not None:
@@ -188,7 +246,7 @@ def render_prompt(tok, row: dict, src: SourceConfig, i: int, key: str) -> list[i
         messages = _field(row, src.messages_field, f"{key}.messages_field", i, src.path)
         if (not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict)
                 or messages[-1].get("role") == "assistant"):
-            raise DistillError(f"{src.path}: row {i} field {src.messages_field!r} must be a non-empty list of "
+            raise DistillError(f"{src.path}: {_where(row, i)} field {src.messages_field!r} must be a non-empty list of "
                                "messages not ending with an assistant turn (generate writes that turn)")
         if tok.chat_template is None:
             raise DistillError(f"{key}.format: 'chat' needs a tokenizer with a chat template")
@@ -201,7 +259,7 @@ def render_prompt(tok, row: dict, src: SourceConfig, i: int, key: str) -> list[i
                                             add_generation_prompt=True, return_dict=False))
     ids = _encode(tok, prompt, True)
     if not ids:
-        raise DistillError(f"{src.path}: row {i} has an empty prompt and the tokenizer adds no BOS; "
+        raise DistillError(f"{src.path}: {_where(row, i)} has an empty prompt and the tokenizer adds no BOS; "
                            "a teacher cannot continue nothing")
     return ids
 
@@ -251,7 +309,7 @@ def _prompt(tok, row, s_i: int, i: int, domain: str | None, cfg: DataConfig,
         return _finish(ids, [False] * len(ids), domain, cfg, stats)
     teacher = generating_teacher(src.generate, domain, teachers)
     if teacher is None:
-        raise DistillError(f"{key}.generate.teacher: row {i} has domain {domain!r}, which no teacher lists in "
+        raise DistillError(f"{key}.generate.teacher: {_where(row, i)} has domain {domain!r}, which no teacher lists in "
                            "its domains (and no teacher has empty domains); name a teacher here")
     return Prompt(s_i, i, ids, domain, teacher, min(src.generate.max_new_tokens, room), src.generate)
 

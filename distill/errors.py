@@ -16,7 +16,7 @@ class ConfigError(DistillError):
     def __init__(self, key: str, message: str, source: str | None = None):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}")
-        self.key = key
+        self.key, self.message, self.source = key, message, source
 
 
 class CacheError(DistillError):

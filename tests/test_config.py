@@ -191,7 +191,7 @@ def test_cli_subprocess_prints_no_traceback(tmp_path, base):
     proc = subprocess.run([sys.executable, "-m", "distill", "validate", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("distill: error: cache.top_k")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"distill: error: {path}: cache.top_k")
 
 
 def test_validate_prints_resolved_with_origins(tmp_path, base, capsys):

@@ -284,7 +284,7 @@ def test_row_tag_no_teacher_serves_is_named_before_any_model_loads(world, tmp_pa
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = _recipe(world, tmp_path / "run")
     recipe["data"]["sources"][0]["path"] = str(tmp_path / "p.jsonl")
-    with pytest.raises(DistillError, match=r"data.sources\[0\].generate.teacher: row 16 has domain 'code'"):
+    with pytest.raises(DistillError, match=r"data.sources\[0\].generate.teacher: line 17 has domain 'code'"):
         run_capture(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
     assert not (tmp_path / "run" / "cache").exists()
 
