@@ -18,6 +18,7 @@ from pathlib import Path
 
 from distill.files import disk_full, sha256_file, write_json_atomic
 from distill.errors import DistillError
+from distill.faults import kill_point
 
 PREFIX = "step-"
 
@@ -72,6 +73,12 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def complete_at(root: Path, step: int) -> Path | None:
+    """The complete checkpoint of `step`, if there is one."""
+    folder = root / f"{PREFIX}{step:08d}"
+    return folder if folder in list_checkpoints(root) else None
+
+
 def tmp_path(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}.tmp"
 
@@ -85,9 +92,20 @@ def finalize(root: Path, step: int, state: dict, keep_last: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    kill_point("checkpoint:renamed")  # the new checkpoint in place, the old ones still there
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clear(root: Path) -> int:
+    """Remove every checkpoint (complete or not) under `root`, for a run that starts afresh; returns how
+    many complete ones there were."""
+    found = list_checkpoints(root)
+    if root.is_dir():
+        for p in root.glob(f"{PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+    return len(found)
 
 
 def clean_tmp(root: Path) -> None:

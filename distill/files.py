@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.faults import kill_point
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -36,6 +38,7 @@ def _write_atomic(path: Path, write, mode: str) -> None:
         with open(tmp, mode) as f:
             write(f)
             f.flush()
+            kill_point(f"write:{path.name}")  # the reliability tests' SIGKILL, between content and rename
             os.fsync(f.fileno())
     except OSError as exc:
         if exc.errno not in FULL:

@@ -36,12 +36,13 @@ from distill.cache.manifest import check_recipe
 from distill.cache.store import CacheReader
 from distill.cache.tail import student_codec
 from distill.distributed import accelerate_cpu, gloo_needed
-from distill.config import Recipe, recipe_dict
+from distill.config import Recipe
 from distill.errors import DistillError, out_of_memory
+from distill.faults import kill_point
 from distill.models import (check_param_limit, config_vocab_size, load_model, load_tokenizer, resolve_dtype,
                             save_pretrained, tokenizer_fingerprint)
 from distill.progress import progress
-from distill.secrets import redact
+from distill.train_log import init_trackers, log_window, new_window, truncate_history
 from distill.signals import CachedTeachers, Teachers, load_live_teachers
 from distill.step import NonFiniteStep, StudentWithLoss, TrainStep
 
@@ -241,6 +242,7 @@ def _save_student(acc, wrapped, tok, out: Path, checkpoint_dir: Path | None = No
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             _record_dtype(tmp / "config.json", state)
             tok.save_pretrained(tmp)
+            kill_point("student:saved")  # written under its temporary name, not yet renamed
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     acc.wait_for_everyone()
@@ -256,10 +258,14 @@ def _record_dtype(config: Path, state: dict) -> None:
         config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) -> Path:
+def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int, reuse: bool = False) -> Path:
+    done = ckpt.complete_at(root, step) if reuse else None
+    if done is not None:  # resumed at this very step: that checkpoint is this state; rewriting it would
+        return done       # delete the only complete one (keep_last: 1) for a moment
     tmp = ckpt.tmp_path(root, step)
     with ckpt.save_guard(f"saving checkpoint {tmp}", root):
         acc.save_state(str(tmp))  # collective under DeepSpeed
+        kill_point("checkpoint:saved")  # the reliability tests' SIGKILL: state written, not sealed
         acc.wait_for_everyone()
         final = ckpt.finalize(root, step, state, keep_last) if acc.is_main_process else root / tmp.name[:-4]
     acc.wait_for_everyone()
@@ -377,14 +383,6 @@ def micro_batch_iter(recipe: Recipe, s: Setup, micro: int, log):
     return iter(loader)
 
 
-def _init_trackers(acc, recipe: Recipe, run_dir: Path) -> None:
-    if recipe.wandb.enabled:
-        init = {"mode": recipe.wandb.mode, "dir": str(run_dir), "name": recipe.wandb.run_name or recipe.name}
-        if recipe.wandb.entity:
-            init["entity"] = recipe.wandb.entity
-        acc.init_trackers(recipe.wandb.project, config=redact(recipe_dict(recipe)), init_kwargs={"wandb": redact(init)})
-
-
 def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, log=print) -> TrainResult:
     start = time.time() if start is None else start
     run_dir = Path(recipe.run_dir)
@@ -394,16 +392,18 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     acc = s.acc
     pos = _resume(acc, ckpt_root, recipe, log) if resume else (0, 0, 0)
     micro_batches = micro_batch_iter(recipe, s, pos[1], log)
-    _init_trackers(acc, recipe, run_dir)
+    init_trackers(acc, recipe, run_dir)
     history = run_dir / "train_log.jsonl"
-    if resume and acc.is_main_process:
-        _truncate_history(history, pos[0])
+    if acc.is_main_process:
+        truncate_history(history, pos[0])  # a fresh start keeps no line; a resume, those up to its checkpoint
+        if not resume and ckpt.clear(ckpt_root):
+            log(f"train: a fresh start: removed the checkpoints of an earlier run in {ckpt_root} (--resume continues one)")
     budget = Budget(start, recipe.train.budget_minutes, recipe.train.eval_reserve_minutes,
                     save_guess_s=s.save_guess)
     step, micro, tokens_seen, stopped_by, last_loss = _loop(recipe, s, micro_batches, pos, budget, ckpt_root,
                                                             history)
     del micro_batches  # stops the loader workers before the saves
-    final_ckpt = save_final(recipe, s, step, micro, tokens_seen)
+    final_ckpt = save_final(recipe, s, step, micro, tokens_seen, resumed_here=resume and step == pos[0])
     wall = time.time() - start
     result = TrainResult(step, s.planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
                          str(final_ckpt), *s.padding)
@@ -415,12 +415,13 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     return result
 
 
-def save_final(recipe: Recipe, s: Setup, step: int, micro: int, tokens_seen: int) -> Path:
-    """The final checkpoint, then the loadable student from it; returns the checkpoint."""
+def save_final(recipe: Recipe, s: Setup, step: int, micro: int, tokens_seen: int, resumed_here: bool = False) -> Path:
+    """The final checkpoint, then the loadable student from it; returns the checkpoint. `resumed_here`:
+    the run resumed at its last step (killed while saving the student), whose checkpoint is reused."""
     run_dir = Path(recipe.run_dir)
     final_ckpt = _save_checkpoint(s.acc, run_dir / "checkpoints", step,
                                   {"step": step, "micro": micro, "tokens": tokens_seen,
-                                   "recipe": ckpt.recipe_identity(recipe)}, recipe.train.keep_last)
+                                   "recipe": ckpt.recipe_identity(recipe)}, recipe.train.keep_last, resumed_here)
     with ckpt.save_guard(f"saving the student to {run_dir / 'student'}", run_dir / "checkpoints"):
         _save_student(s.acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
     return final_ckpt
@@ -439,7 +440,7 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
     step, micro, tokens_seen = pos
     bar = progress(total=s.planned, initial=step, desc="train", unit="steps", disable=not acc.is_main_process)
     stopped_by, last_loss = "done", None
-    window = _new_window()
+    window = new_window()
     while step < s.planned:
         if not _agree(acc, budget.fits_another_step(time.time())):
             stopped_by = "budget"
@@ -468,7 +469,7 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
         budget.step_s.append(time.time() - t_step)
         bar.update(1)
         if step % t.log_every_steps == 0 or step == s.planned:
-            last_loss = _log(acc, bar, window, step, s.step_fn.sched, recipe, history)
+            last_loss = log_window(acc, bar, window, step, s.step_fn.sched, recipe, history)
         if t.save_every_steps and step % t.save_every_steps == 0 and step < s.planned:
             t0 = time.time()
             _save_checkpoint(acc, ckpt_root, step, {"step": step, "micro": micro, "tokens": tokens_seen,
@@ -476,7 +477,7 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
             budget.save_s = max(budget.save_s, 2 * (time.time() - t0))
     bar.close()
     if window["tokens"] is not None:
-        last_loss = _log(acc, bar, window, step, s.step_fn.sched, recipe, history)
+        last_loss = log_window(acc, bar, window, step, s.step_fn.sched, recipe, history)
     return step, micro, tokens_seen, stopped_by, last_loss
 
 
@@ -493,38 +494,3 @@ def _agree(acc, flag: bool) -> bool:
 
     t = torch.tensor([1 if flag else 0], device=acc.device)
     return bool(broadcast(t, from_process=0).item())
-
-
-def _truncate_history(history: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from: a killed run logged steps it will redo."""
-    if not history.exists():
-        return
-    lines = [x for x in history.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-    tmp = history.with_name(history.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in lines))
-    os.replace(tmp, history)
-
-
-def _new_window() -> dict:
-    return {"loss": None, "tokens": None, "div": None, "share": None, "t0": time.time()}
-
-
-def _log(acc, bar, window: dict, step: int, sched, recipe: Recipe, history: Path) -> float | None:
-    """Sum the window over ranks (a collective: every rank calls it), then log on the main process."""
-    N = len(recipe.teachers)
-    local = torch.cat([window["loss"], window["tokens"], window["div"], window["share"]])
-    total = acc.reduce(local, reduction="sum").cpu() if acc.num_processes > 1 else local.cpu()
-    n = max(float(total[1]), 1.0)
-    elapsed = max(time.time() - window["t0"], 1e-9)
-    metrics = {"step": step, "loss": float(total[0]) / n, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": float(total[1]) / elapsed}
-    for i, tt in enumerate(recipe.teachers):
-        metrics[f"div/{tt.name}"] = float(total[2 + i]) / n
-        metrics[f"share/{tt.name}"] = float(total[2 + N + i]) / n
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    acc.log(metrics, step=step)
-    if acc.is_main_process:
-        with open(history, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-    window.update(_new_window())
-    return metrics["loss"]
