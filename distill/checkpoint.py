@@ -33,11 +33,12 @@ def seal(folder: Path) -> None:
     write_json_atomic(folder / "CHECKSUMS.json", sums)
 
 
-def verify(folder: Path) -> None:
-    """Raise DistillError naming the first missing, truncated or corrupt file."""
+def verify(folder: Path, what: str = "checkpoint") -> None:
+    """Raise DistillError naming the first missing, truncated or corrupt file of a sealed folder (a
+    checkpoint; `what` = "student" for a student folder, sealed the same way)."""
     sums_path = folder / "CHECKSUMS.json"
     if not sums_path.is_file():
-        raise DistillError(f"{folder}: not a complete checkpoint (CHECKSUMS.json missing)")
+        raise DistillError(f"{folder}: not a complete {what} (CHECKSUMS.json missing)")
     try:
         sums = json.loads(sums_path.read_text())
         ok = isinstance(sums, dict) and all(
@@ -52,12 +53,19 @@ def verify(folder: Path) -> None:
     for rel, rec in sorted(sums.items()):
         p = folder / rel
         if not p.is_file():
-            raise DistillError(f"{p}: missing checkpoint file")
+            raise DistillError(f"{p}: missing from the {what} (its CHECKSUMS.json lists it)")
         if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
-            raise DistillError(f"{p}: checkpoint file is corrupt (size or sha256 mismatch)")
+            raise DistillError(f"{p}: corrupt {what} file (size or sha256 differs from its CHECKSUMS.json)")
     extra = sorted(on_disk - set(sums))
-    if extra:  # a file the checkpoint did not have (a CHECKSUMS.json that lost entries)
-        raise DistillError(f"{folder / extra[0]}: not in the checkpoint's CHECKSUMS.json (corrupt checksum list)")
+    if extra:  # a file the folder did not have when sealed (or a CHECKSUMS.json that lost entries)
+        raise DistillError(f"{folder / extra[0]}: not in the {what}'s CHECKSUMS.json (added later, or a corrupt "
+                           "checksum list)")
+
+
+def verify_if_sealed(folder: Path, what: str) -> None:
+    """`verify` a model folder that distill sealed (a trained student); other folders pass."""
+    if (Path(folder) / "CHECKSUMS.json").is_file():
+        verify(Path(folder), what)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -107,6 +107,10 @@ def load_model(ref: str, *, revision: str | None = None, gguf_file: str | None =
     src = _check_ref(ref, what)
     if not (allow_pickle or gguf_file):
         _refuse_pickle_only(src, ref, what)
+    if os.path.isdir(src):  # a student distill saved is sealed: a damaged file is named, not loaded
+        from distill.checkpoint import verify_if_sealed
+
+        verify_if_sealed(Path(src), f"model folder of {what}")
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
                     "dtype": resolve_dtype(dtype, device)}
     if gguf_file:
@@ -261,8 +265,9 @@ def model_vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def save_pretrained(model, tokenizer, out: Path) -> None:
-    """Save model (safetensors) + tokenizer atomically: tmp folder, then rename."""
+def save_pretrained(model, tokenizer, out: Path, seal: bool = False) -> None:
+    """Save model (safetensors) + tokenizer atomically: tmp folder, then rename. `seal`: with a
+    CHECKSUMS.json of every file (a trained student), which loading it checks."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -271,6 +276,10 @@ def save_pretrained(model, tokenizer, out: Path) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if seal:
+        from distill.checkpoint import seal as seal_folder
+
+        seal_folder(tmp)
     if out.exists():
         import shutil
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from distill.config import Recipe
 from distill.errors import DistillError
+from distill.checkpoint import verify_if_sealed
 from distill.model_card import build_card
 from distill.secrets import scrub
 
@@ -44,7 +45,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def _copy_kept(src: Path, dst: Path, skip=lambda name: False) -> list[str]:
     copied = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix in KEEP_SUFFIXES and not skip(f.name):
+        if f.is_file() and f.suffix in KEEP_SUFFIXES and f.name != "CHECKSUMS.json" and not skip(f.name):
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied
@@ -58,6 +59,7 @@ def _refuse_pickles(folder: Path, what: str) -> None:
 
 
 def _stage_merged(student: Path, tmp: Path) -> None:
+    verify_if_sealed(student, "student")  # a damaged student is named, never published
     _refuse_pickles(student, "the student")
     _copy_kept(student, tmp)
     if not list(tmp.glob("*.safetensors")):
@@ -72,6 +74,7 @@ def _stage_adapter(student: Path, adapter: Path, tmp: Path) -> None:
     if not all((adapter / f).is_file() for f in ADAPTER_FILES):
         raise DistillError(f"publish.format: adapter: no saved adapter at {adapter} ({' + '.join(ADAPTER_FILES)}); "
                            "train the LoRA student with `distill train` first")
+    verify_if_sealed(adapter, "student adapter")
     for f in ADAPTER_FILES:
         shutil.copy2(adapter / f, tmp / f)
     # The tokenizer and generation settings the student was trained and saved with; not its full config or weights.

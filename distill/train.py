@@ -233,15 +233,17 @@ def _save_student(acc, wrapped, tok, out: Path, checkpoint_dir: Path | None = No
             tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")  # renamed whole into place, as the student
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
+            ckpt.seal(tmp)
             shutil.rmtree(adapter_dir, ignore_errors=True)
             os.replace(tmp, adapter_dir)
             merged = copy.deepcopy(model).merge_and_unload()
-            save_pretrained(merged, tok, out)
+            save_pretrained(merged, tok, out, seal=True)
         else:
             tmp = out.with_name(out.name + ".tmp")
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             _record_dtype(tmp / "config.json", state)
             tok.save_pretrained(tmp)
+            ckpt.seal(tmp)  # loading the student (eval, publish) checks every file against it
             kill_point("student:saved")  # written under its temporary name, not yet renamed
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)

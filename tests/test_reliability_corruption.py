@@ -227,6 +227,7 @@ def test_damaged_student_folder_is_named_when_loaded(trained, tmp_path, how):
         model = AutoModelForCausalLM.from_pretrained(student)
         (student / "model.safetensors").unlink()
         model.save_pretrained(student, max_shard_size="40KB")
+        (student / "CHECKSUMS.json").unlink()  # resaved by hand: not distill's sealed folder any more
         shards = sorted(student.glob("model-*.safetensors"))
         assert len(shards) > 1
         shards[-1].unlink()
@@ -234,3 +235,18 @@ def test_damaged_student_folder_is_named_when_loaded(trained, tmp_path, how):
         _damage(student / "model.safetensors", how)
     with pytest.raises(DistillError, match=re.escape(str(student))):
         load_model(str(student), dtype=torch.float32, what="eval model")
+
+
+@pytest.mark.parametrize("how", ["flip_data", "delete"])
+def test_damaged_student_is_never_evaluated_or_published(trained, tmp_path, capsys, how):
+    """A byte flipped in the student's weights loads without error in transformers; the student's
+    CHECKSUMS.json (written when it was saved) names it, for `distill eval` and `distill publish`."""
+    run, recipe = _copy_run(trained, tmp_path)
+    target = run / "student" / "model.safetensors"
+    _damage(target, how)
+    _fails(["publish", str(recipe), "--dry-run"], capsys, str(target))
+    assert not (run / "publish").exists()
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "1+1=", "target": "2"}) + "\n")
+    (tmp_path / "inc.yaml").write_text("kind: generate_exact\ndataset: t.jsonl\nmax_new_tokens: 2\n")
+    _fails(["eval", str(recipe), f"eval.tasks=[{tmp_path / 'inc.yaml'}]", "eval.teachers=false"], capsys,
+           str(target))
