@@ -119,7 +119,8 @@ def _read_local(path: Path, src: SourceConfig, key: str) -> list[Row]:
                 try:
                     parsed.append((n, json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise DistillError(f"{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise DistillError(f"{path}: line {n} is not valid JSON ({exc.msg} at column "
+                                       f"{exc.colno})") from None
         return _objects(parsed, path, "line")
     if ext == ".json":
         try:
@@ -191,7 +192,8 @@ def _chat(tok, messages, row, i: int, src: SourceConfig) -> tuple[list[int], lis
         return _render_chat(tok, messages)
     except Exception as exc:  # jinja's TemplateError, or the template's own raise_exception
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise DistillError(f"{src.path}: {_where(row, i)}: the tokenizer's chat template refused it ({first})") from None
+        raise DistillError(f"{src.path}: {_where(row, i)}: the tokenizer's chat template refused it "
+                           f"({first})") from None
 
 
 def _render_chat(tok, messages: list[dict]) -> tuple[list[int], list[bool]]:
@@ -222,7 +224,8 @@ def render(tok, row: dict, src: SourceConfig, i: int, key: str) -> tuple[list[in
     if src.format == "chat":
         messages = _field(row, src.messages_field, f"{key}.messages_field", i, src.path)
         if not isinstance(messages, list) or not messages:
-            raise DistillError(f"{src.path}: {_where(row, i)} field {src.messages_field!r} must be a non-empty list of messages")
+            raise DistillError(f"{src.path}: {_where(row, i)} field {src.messages_field!r} must be a non-empty "
+                               "list of messages")
         if tok.chat_template is None:
             raise DistillError(f"{key}.format: 'chat' needs a tokenizer with a chat template")
         return _chat(tok, messages, row, i, src)

@@ -146,7 +146,8 @@ def build_student(recipe: Recipe, device, ds_dtype: torch.dtype | None = None):
     s = recipe.student
     load_dtype, train_dtype = student_dtypes(recipe, device, ds_dtype)
     model = load_model(s.model, revision=s.revision, gguf_file=s.gguf_file, dtype=load_dtype,
-                       trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle, what="student.model")
+                       trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
+                       what="student.model")
     check_param_limit(model, s.max_params)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -399,7 +400,8 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     if acc.is_main_process:
         truncate_history(history, pos[0])  # a fresh start keeps no line; a resume, those up to its checkpoint
         if not resume and ckpt.clear(ckpt_root):
-            log(f"train: a fresh start: removed the checkpoints of an earlier run in {ckpt_root} (--resume continues one)")
+            log(f"train: a fresh start: removed the checkpoints of an earlier run in {ckpt_root} "
+                "(--resume continues one)")
     budget = Budget(start, recipe.train.budget_minutes, recipe.train.eval_reserve_minutes,
                     save_guess_s=s.save_guess)
     step, micro, tokens_seen, stopped_by, last_loss = _loop(recipe, s, micro_batches, pos, budget, ckpt_root,

@@ -76,6 +76,16 @@ def tiny_recipe(world: dict, run_dir: Path, **sections) -> dict:
     return recipe
 
 
+def free_port() -> str:
+    """A TCP port free right now, for `accelerate launch --main_process_port` (tests may run in
+    parallel workers, so no two may share a fixed port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe))
     return path

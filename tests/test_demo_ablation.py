@@ -21,7 +21,7 @@ def test_each_variant_loads_and_keeps_the_evaluation(name):
     variant = recipe_dict(load_recipe(demo_ablation.RECIPE, demo_ablation.VARIANTS[name]))
     assert variant != shipped, name  # it changes something ...
     assert variant["eval"] == shipped["eval"]  # ... but not what is scored, nor how
-    if not demo_ablation._data_changed(demo_ablation.VARIANTS[name]):
+    if not demo_ablation._data_overrides(demo_ablation.VARIANTS[name]):
         assert variant["data"] == shipped["data"] and variant["cache"] == shipped["cache"]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_recipe, write_recipe
+from conftest import free_port, tiny_recipe, write_recipe
 from distill.files import sha256_file
 from distill.cache import store
 from distill.cache import manifest as mf
@@ -305,7 +305,7 @@ def test_two_process_generation_and_capture_equal_one_process(world, tmp_path):
                           text=True, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-                           "29621", "-m", "distill", "cache", str(paths["two"])], capture_output=True, text=True,
+                           free_port(), "-m", "distill", "cache", str(paths["two"])], capture_output=True, text=True,
                           cwd=tmp_path, env=dict(env, ACCELERATE_USE_CPU="1"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = _digest(tmp_path / "one" / "cache"), _digest(tmp_path / "two" / "cache")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_recipe, write_recipe
+from conftest import free_port, tiny_recipe, write_recipe
 from distill.cache.capture import run_capture
 from distill.config import load_recipe
 
@@ -22,7 +22,7 @@ ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) o
 
 def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29613",
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
            "-m", "distill", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
@@ -116,7 +116,7 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tiny_world, tmp_path):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if name == "ddp":
             env["ACCELERATE_USE_CPU"] = "1"
-        cmd = [ACCELERATE, "launch", *extra, "--num_processes", "2", "--main_process_port", "29617",
+        cmd = [ACCELERATE, "launch", *extra, "--num_processes", "2", "--main_process_port", free_port(),
                "-m", "distill", "train", str(path), f"run_dir={tmp_path / name}",
                f"cache.dir={tmp_path / 'run' / 'cache'}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=900)
@@ -169,7 +169,7 @@ def test_divergence_under_ddp_and_zero2_keeps_the_last_finite_weights(tiny_world
     extra = ["--multi_gpu"] if launch == "ddp" else ["--config_file", "launch/zero2.yaml", "--mixed_precision", "no"]
     if launch == "ddp":
         env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [ACCELERATE, "launch", *extra, "--num_processes", "2", "--main_process_port", "29619",
+    cmd = [ACCELERATE, "launch", *extra, "--num_processes", "2", "--main_process_port", free_port(),
            "-m", "distill", "train", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=900)
     assert proc.returncode != 0
@@ -194,7 +194,7 @@ def test_zero2_step_skips_a_non_finite_update(tiny_world, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_capture(load_recipe(path))
     cmd = [ACCELERATE, "launch", "--config_file", "launch/zero2.yaml", "--num_processes", "2", "--mixed_precision",
-           "no", "--main_process_port", "29621", str(root / "tests" / "step_probe.py"), str(path),
+           "no", "--main_process_port", free_port(), str(root / "tests" / "step_probe.py"), str(path),
            str(tmp_path / "out.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=900)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_recipe, write_recipe
+from conftest import free_port, tiny_recipe, write_recipe
 from distill.cache.capture import run_capture
 from distill.config import load_recipe
 from distill.errors import ConfigError, DistillError
@@ -172,7 +172,7 @@ def test_deepspeed_bf16_keeps_fp32_masters_and_saves_them(recipe_for, bf16_base,
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     root = Path(__file__).resolve().parent.parent
     cmd = [accelerate, "launch", "--config_file", "launch/zero2.yaml", "--num_processes", "2",
-           "--main_process_port", "29641", "-m", "distill", "train", str(tmp_path / "ds.yaml"),
+           "--main_process_port", free_port(), "-m", "distill", "train", str(tmp_path / "ds.yaml"),
            f"cache.dir={recipe.cache.dir}", "train.lr=2e-5", "train.schedule=constant", "train.batch_size=2",
            "train.mixed_precision=bf16"]
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}

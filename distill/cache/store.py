@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.cache.manifest import TOKEN_FILES, cached_teachers, expected_files, codec_from_manifest, read_manifest, teacher_file
+from distill.cache.manifest import (TOKEN_FILES, cached_teachers, codec_from_manifest, expected_files, read_manifest,
+                                    teacher_file)
 from distill.errors import CacheError
 from distill.files import sha256_file
 
