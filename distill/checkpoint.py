@@ -138,17 +138,22 @@ def read_state(folder: Path) -> dict:
 # save and log, loader processes. Everything else of the recipe shapes the weights or the batch order.
 RESUMABLE_TRAIN_KEYS = ("max_steps", "epochs", "budget_minutes", "eval_reserve_minutes", "save_every_steps",
                         "keep_last", "log_every_steps", "num_workers")
+# ... and the memory knobs that leave the weights as they are (what an out-of-memory error suggests)
+RESUMABLE_KEYS = {"student": ("gradient_checkpointing",), "loss": ("chunk_size",)}
 
 
 def recipe_identity(recipe) -> dict:
     """The recipe part `trainer_state.json` records ("recipe") and a resume must match."""
     from distill.config import recipe_dict
 
+    from distill.secrets import redact
+
     d = recipe_dict(recipe)
-    train = {k: v for k, v in d["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
-    ident = {"seed": d["seed"], "student": d["student"], "teachers": d["teachers"], "data": d["data"],
-             "loss": d["loss"], "train": train}
-    return json.loads(json.dumps(ident))  # as trainer_state.json holds it (lists, not tuples)
+    keep = lambda section, free: {k: v for k, v in d[section].items() if k not in free}  # noqa: E731
+    ident = {"seed": d["seed"], "student": keep("student", RESUMABLE_KEYS["student"]), "teachers": d["teachers"],
+             "data": d["data"], "loss": keep("loss", RESUMABLE_KEYS["loss"]),
+             "train": keep("train", RESUMABLE_TRAIN_KEYS)}
+    return json.loads(json.dumps(redact(ident)))  # as trainer_state.json holds it (lists, no credential)
 
 
 def check_recipe(folder: Path, recipe) -> None:

@@ -21,6 +21,7 @@ import argparse
 import errno
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from distill.distributed import partial_state
@@ -189,9 +190,12 @@ def dispatch(args: argparse.Namespace, start: float) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     start = time.time()
-    args = _parser().parse_args(argv)
     with scrubbed_streams():  # no credential reaches the terminal or a log file, whatever prints it
-        code = _guarded(args, start)
+        try:
+            code = _guarded(_parser().parse_args(argv), start)
+        except Exception:  # a bug in distill: its traceback, printed here while stderr is still scrubbed
+            traceback.print_exc()
+            code = 1
         sys.stdout.flush()
     sys.exit(code)
 

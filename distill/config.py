@@ -165,9 +165,10 @@ class CacheConfig:
     # Calibration samples for the order (all their target rows), evenly strided: a one-time pass of the
     # first teacher; the bench reached its figures from ~1,500 rows, 256 samples hold far more.
     id_order_rows: int = 256
-    # What `distill train` checks of the cache before it loads a model: full = every file's sha256
-    # (a flipped byte anywhere is named before training; reads the cache once, ~1 GB/s), sizes = sizes,
-    # .npy headers and offsets only (seconds on any cache; `distill cache verify` does the full check).
+    # What `distill train` checks of the cache before it loads a model: full = every file's sha256, by
+    # the main process (a flipped byte anywhere is named before training; files unchanged since the last
+    # full check, by size, mtime and inode in <cache>/.verified.json, are not read again), sizes = sizes,
+    # .npy headers and offsets only. `distill cache verify` hashes every file, whatever the stamp says.
     verify: Literal["full", "sizes"] = "full"
 
 

@@ -185,9 +185,10 @@ def _encode(tok, text: str, add_special: bool) -> list[int]:
 def _chat(tok, messages, row, i: int, src: SourceConfig) -> tuple[list[int], list[bool]]:
     """`_render_chat` of a row's messages, each checked to be {role, content} text; a template that
     raises on them (roles out of order, say) is named with the row."""
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               for m in messages):
-        raise DistillError(f"{src.path}: {_where(row, i)}: every message must be {{role: text, content: text}}")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+               and (m.get("content") is None or isinstance(m["content"], (str, list))) for m in messages):
+        raise DistillError(f"{src.path}: {_where(row, i)}: every message must be {{role: text, content: text, a "
+                           "list of parts, or null}")
     try:
         return _render_chat(tok, messages)
     except Exception as exc:  # jinja's TemplateError, or the template's own raise_exception

@@ -15,6 +15,7 @@ import io
 import os
 import re
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,19 +65,22 @@ class _Scrubbing(io.TextIOBase):
 
     def __init__(self, inner, secrets: set[str]):
         self.inner, self.secrets, self._pending = inner, secrets, ""
+        self._lock = threading.Lock()  # W&B and logging write from their own threads
 
     def write(self, text: str) -> int:
-        self._pending += text
-        if "\n" in self._pending or "\r" in self._pending:
-            cut = max(self._pending.rfind("\n"), self._pending.rfind("\r")) + 1
-            self.inner.write(scrub(self._pending[:cut], self.secrets))
-            self._pending = self._pending[cut:]
+        with self._lock:
+            self._pending += text
+            if "\n" in self._pending or "\r" in self._pending:
+                cut = max(self._pending.rfind("\n"), self._pending.rfind("\r")) + 1
+                self.inner.write(scrub(self._pending[:cut], self.secrets))
+                self._pending = self._pending[cut:]
         return len(text)
 
     def flush(self) -> None:
-        if self._pending:
-            self.inner.write(scrub(self._pending, self.secrets))
-            self._pending = ""
+        with self._lock:
+            if self._pending:
+                self.inner.write(scrub(self._pending, self.secrets))
+                self._pending = ""
         self.inner.flush()
 
     def isatty(self) -> bool:

@@ -261,10 +261,13 @@ def _record_dtype(config: Path, state: dict) -> None:
         config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int, reuse: bool = False) -> Path:
-    done = ckpt.complete_at(root, step) if reuse else None
-    if done is not None:  # resumed at this very step: that checkpoint is this state; rewriting it would
-        return done       # delete the only complete one (keep_last: 1) for a moment
+def _save_checkpoint(acc, root: Path, step: int, state: dict, keep_last: int) -> Path:
+    # A complete checkpoint of this step is this run's (a fresh start clears an earlier run's): saved
+    # periodically just before a budget stop, or resumed from at the last step. It is this state, and
+    # rewriting it would delete the only complete one (keep_last: 1) for a moment.
+    done = ckpt.complete_at(root, step)
+    if done is not None:
+        return done
     tmp = ckpt.tmp_path(root, step)
     with ckpt.save_guard(f"saving checkpoint {tmp}", root):
         acc.save_state(str(tmp))  # collective under DeepSpeed
@@ -306,7 +309,8 @@ def setup_training(recipe: Recipe, log) -> Setup:
     t = recipe.train
     acc = build_accelerator(recipe)
     torch.manual_seed(recipe.seed)
-    reader = CacheReader(recipe.cache.dir, verify=recipe.cache.verify)
+    # every hash once, by the main process (the other ranks check sizes, headers and offsets)
+    reader = CacheReader(recipe.cache.dir, verify=recipe.cache.verify if acc.is_main_process else "sizes")
     tok = load_tokenizer(recipe.tokenizer or recipe.student.model,
                          gguf_file=None if recipe.tokenizer else recipe.student.gguf_file,
                          trust_remote_code=recipe.trust_remote_code, what="student tokenizer")
@@ -359,8 +363,9 @@ def _resume(acc, ckpt_root: Path, recipe: Recipe, log) -> tuple[int, int, int]:
     if acc.is_main_process:
         ckpt.clean_tmp(ckpt_root)
     last = ckpt.latest(ckpt_root)
-    if last is None:
-        raise DistillError(f"--resume: no complete checkpoint under {ckpt_root}")
+    if last is None:  # a requeued job passes --resume every time: the first time there is nothing yet
+        log(f"train: --resume: no complete checkpoint under {ckpt_root} yet; starting from step 0")
+        return 0, 0, 0
     ckpt.verify(last)
     ckpt.check_recipe(last, recipe)
     acc.load_state(str(last))
@@ -391,6 +396,8 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = run_dir / "checkpoints"
+    if not resume:
+        _refuse_to_drop_an_unfinished_run(run_dir, ckpt_root)
     s = setup_training(recipe, log)
     acc = s.acc
     pos = _resume(acc, ckpt_root, recipe, log) if resume else (0, 0, 0)
@@ -399,15 +406,14 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     history = run_dir / "train_log.jsonl"
     if acc.is_main_process:
         truncate_history(history, pos[0])  # a fresh start keeps no line; a resume, those up to its checkpoint
-        if not resume and ckpt.clear(ckpt_root):
-            log(f"train: a fresh start: removed the checkpoints of an earlier run in {ckpt_root} "
-                "(--resume continues one)")
+        if pos[0] == 0 and ckpt.clear(ckpt_root):
+            log(f"train: a fresh start: removed the checkpoints of the finished earlier run in {ckpt_root}")
     budget = Budget(start, recipe.train.budget_minutes, recipe.train.eval_reserve_minutes,
                     save_guess_s=s.save_guess)
     step, micro, tokens_seen, stopped_by, last_loss = _loop(recipe, s, micro_batches, pos, budget, ckpt_root,
                                                             history)
     del micro_batches  # stops the loader workers before the saves
-    final_ckpt = save_final(recipe, s, step, micro, tokens_seen, resumed_here=resume and step == pos[0])
+    final_ckpt = save_final(recipe, s, step, micro, tokens_seen)
     wall = time.time() - start
     result = TrainResult(step, s.planned, tokens_seen, stopped_by, wall, last_loss, str(run_dir / "student"),
                          str(final_ckpt), *s.padding)
@@ -419,13 +425,29 @@ def run_train(recipe: Recipe, resume: bool = False, start: float | None = None, 
     return result
 
 
-def save_final(recipe: Recipe, s: Setup, step: int, micro: int, tokens_seen: int, resumed_here: bool = False) -> Path:
-    """The final checkpoint, then the loadable student from it; returns the checkpoint. `resumed_here`:
-    the run resumed at its last step (killed while saving the student), whose checkpoint is reused."""
+def _refuse_to_drop_an_unfinished_run(run_dir: Path, ckpt_root: Path) -> None:
+    """A fresh start deletes the run directory's checkpoints: refuse it while they are those of a run
+    that did not finish (killed, preempted), which `--resume` continues. A finished run's checkpoints
+    (its train_result.json names the last) are replaced without asking."""
+    last = ckpt.latest(ckpt_root)
+    if last is None:
+        return
+    try:
+        finished = Path(json.loads((run_dir / "train_result.json").read_text())["checkpoint"]).name == last.name
+    except (OSError, ValueError, KeyError, TypeError):
+        finished = False
+    if not finished:
+        raise DistillError(f"{run_dir} holds an unfinished run (its last checkpoint is {last}): continue it with "
+                           f"--resume, or delete {ckpt_root} to start over")
+
+
+def save_final(recipe: Recipe, s: Setup, step: int, micro: int, tokens_seen: int) -> Path:
+    """The final checkpoint (the periodic one of this step when there is one), then the loadable student
+    from it; returns the checkpoint."""
     run_dir = Path(recipe.run_dir)
     final_ckpt = _save_checkpoint(s.acc, run_dir / "checkpoints", step,
                                   {"step": step, "micro": micro, "tokens": tokens_seen,
-                                   "recipe": ckpt.recipe_identity(recipe)}, recipe.train.keep_last, resumed_here)
+                                   "recipe": ckpt.recipe_identity(recipe)}, recipe.train.keep_last)
     with ckpt.save_guard(f"saving the student to {run_dir / 'student'}", run_dir / "checkpoints"):
         _save_student(s.acc, s.wrapped, s.tok, run_dir / "student", final_ckpt)
     return final_ckpt
@@ -457,14 +479,14 @@ def _loop(recipe: Recipe, s: Setup, micro_batches, pos: tuple[int, int, int], bu
             out = s.step_fn([next(micro_batches) for _ in range(t.grad_accum)], norm)
         except NonFiniteStep as exc:
             raise DistillError(f"training diverged at step {step + 1}: {exc}; {_kept(ckpt_root)} "
-                               "(try a lower train.lr or train.max_grad_norm)") from None
+                               "(start a fresh run with a lower train.lr or train.max_grad_norm)") from None
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
             raise DistillError(f"out of memory at step {step + 1} with train.batch_size {t.batch_size}: lower it "
-                               "(and raise train.grad_accum to keep the global batch), or set "
-                               "student.gradient_checkpointing: true or a smaller loss.chunk_size; "
-                               f"{_kept(ckpt_root)}") from None
+                               "(and raise train.grad_accum to keep the global batch; a fresh run), or set "
+                               "student.gradient_checkpointing: true or a smaller loss.chunk_size (both can "
+                               f"change on --resume); {_kept(ckpt_root)}") from None
         micro += t.grad_accum
         for key in ("loss", "tokens", "div", "share"):
             window[key] = out[key] if window[key] is None else window[key] + out[key]

@@ -149,7 +149,7 @@ def test_divergence_under_ddp_and_zero2_keeps_the_last_finite_weights(tiny_world
 
     root = Path(__file__).resolve().parent.parent
     recipe = tiny_recipe(tiny_world, tmp_path / "run", cache={"top_k": 4, "batch_size": 8, "shard_tokens": 200,
-                                                              "codec": "fp16"},
+                                                              "codec": "fp16", "verify": "sizes"},
                          loss={"divergence": "tvd"},
                          train={"max_steps": 6, "batch_size": 2, "lr": 1e-2, "schedule": "constant",
                                 "save_every_steps": 1, "log_every_steps": 100})
@@ -163,7 +163,8 @@ def test_divergence_under_ddp_and_zero2_keeps_the_last_finite_weights(tiny_world
     row = int(shard.row_offsets[j])
     f = tmp_path / "run" / "cache" / shard.name / teacher_file("ta")
     rows = np.load(f)
-    rows[row, 8:10] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # fp16 codec: 4 uint16 ids, then logprobs
+    # fp16 codec: 4 uint16 ids, then logprobs. A poisoned cache, not a corrupt one: cache.verify is sizes
+    rows[row, 8:10] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
     np.save(f, rows)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     extra = ["--multi_gpu"] if launch == "ddp" else ["--config_file", "launch/zero2.yaml", "--mixed_precision", "no"]

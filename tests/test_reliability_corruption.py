@@ -9,6 +9,7 @@ model). Checkpoints and student folders are damaged the same way. docs/reliabili
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -250,3 +251,35 @@ def test_damaged_student_is_never_evaluated_or_published(trained, tmp_path, caps
     (tmp_path / "inc.yaml").write_text("kind: generate_exact\ndataset: t.jsonl\nmax_new_tokens: 2\n")
     _fails(["eval", str(recipe), f"eval.tasks=[{tmp_path / 'inc.yaml'}]", "eval.teachers=false"], capsys,
            str(target))
+
+
+def test_verified_stamp_rehashes_changed_files_and_cache_verify_ignores_it(captured, tmp_path, capsys):
+    """`distill train` hashes a file again only when its size, mtime or inode changed since the last full
+    check (.verified.json); `distill cache verify` hashes every file whatever the stamp says."""
+    run, _ = _copy(captured, tmp_path)
+    cache = run / "cache"
+    store.CacheReader(cache, verify="full")  # hashes all, writes the stamp
+    assert (cache / store.STAMP).is_file()
+    target = cache / "shard-00001" / "teacher-ta.npy"
+    before = target.stat()
+    _damage(target, "flip_data")
+    with pytest.raises(CacheError, match="sha256 mismatch"):  # changed stat: hashed again
+        store.CacheReader(cache, verify="full")
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # a change that hides from stat (bit rot)
+    store.CacheReader(cache, verify="full")  # the stamp's limit, documented
+    _fails(["cache", "verify", str(run)], capsys, str(target))
+
+
+def test_fresh_start_refuses_to_drop_an_unfinished_run(trained, tmp_path, capsys):
+    """`distill train` without --resume deletes the run's checkpoints: refused while they are those of a
+    run that did not finish (a preempted job rerun without --resume); a finished run's are replaced."""
+    run, recipe = _copy_run(trained, tmp_path)
+    (run / "train_result.json").rename(run / "finished.json")  # as if killed before the end
+    line = _fails(["train", str(recipe)], capsys, str(run), "--resume")
+    assert "unfinished run" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001", "step-00000002"]
+    (run / "finished.json").rename(run / "train_result.json")
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(recipe)])
+    out = capsys.readouterr()
+    assert e.value.code == 0 and "removed the checkpoints of the finished earlier run" in out.out, out.err[-2000:]

@@ -293,8 +293,8 @@ def check_free_space(cache_dir: Path, manifest: dict) -> None:
     need, free = bytes_to_write(manifest), shutil.disk_usage(cache_dir).free
     if need > free:
         raise CacheError(f"{cache_dir}: the cache needs {need / 2**20:.1f} MiB more and its disk has "
-                         f"{free / 2**20:.1f} MiB free; free space or set cache.dir on a larger disk (no teacher "
-                         "has run; rerun to resume)")
+                         f"{free / 2**20:.1f} MiB free; free space or set cache.dir on a larger disk (no shard "
+                         "was written; rerun to resume)")
 
 
 def _capture(recipe: Recipe, rank: int, world: int, device, main: bool, barrier, tok, tok_fp: str,

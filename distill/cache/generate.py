@@ -154,7 +154,12 @@ def prepare_dir(cache_dir: Path, meta: dict, rebuild: bool) -> None:
     gdir = cache_dir / "generated"
     old, found = None, False
     if (cache_dir / mf.NAME).exists():
-        found, old = True, mf.stored_generation_meta(cache_dir)
+        try:
+            found, old = True, mf.stored_generation_meta(cache_dir)
+        except CacheError:  # a corrupt manifest: refused below, or discarded with rebuild
+            if not rebuild:
+                raise
+            found, old = True, None
     elif (gdir / "meta.json").exists():
         found = True
         try:

@@ -111,7 +111,7 @@ def read_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
-_SHARD = re.compile(r"shard-\d{5}")
+_SHARD = re.compile(r"shard-\d{5,}")
 _NAME = re.compile(r"[\w-]+")  # a teacher name, as the recipe loader allows
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -418,8 +418,13 @@ def open_or_create(cache_dir: Path, fresh: dict, rebuild: bool) -> dict:
     for tmp in cache_dir.glob(NAME + ".tmp*"):
         tmp.unlink()  # a run killed inside a manifest write leaves its half-written copy behind
     if (cache_dir / NAME).exists():
-        old = read_manifest(cache_dir)
-        found = difference(identity(old), identity(fresh))
+        try:
+            old = read_manifest(cache_dir)
+        except CacheError:  # corrupt or edited: unusable, and with rebuild discarded like any other
+            if not rebuild:
+                raise
+            old = None
+        found = difference(identity(old), identity(fresh)) if old is not None else "manifest: unreadable"
         if found is None:
             return old
         what = found.split(":")[0].removeprefix("derived.").split(".")[0].split("[")[0]

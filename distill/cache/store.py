@@ -27,6 +27,8 @@ resumed capture ends byte-identical to an uninterrupted one.
 from __future__ import annotations
 
 import bisect
+import errno
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +38,37 @@ import numpy as np
 from distill.cache.manifest import (TOKEN_FILES, cached_teachers, codec_from_manifest, expected_files, read_manifest,
                                     teacher_file)
 from distill.errors import CacheError
-from distill.files import sha256_file
+from distill.files import sha256_file, write_json_atomic
+
+
+# `.verified.json`: each file's sha256 as verified, with its size, mtime and inode then. A full check
+# re-hashes only files whose stat changed since (any write changes it), so that training a cache
+# again, or each `--resume`, does not re-read a cache of hundreds of GB. Bit rot that leaves the stat
+# alone is caught by `distill cache verify`, which hashes everything (no stamp).
+STAMP = ".verified.json"
+
+
+def _read_stamp(cache_dir: Path) -> dict:
+    try:
+        stamp = json.loads((cache_dir / STAMP).read_text())
+        return stamp if isinstance(stamp, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(cache_dir: Path, seen: dict) -> None:
+    try:
+        write_json_atomic(cache_dir / STAMP, seen)
+    except OSError:  # a read-only cache is verified in full every time
+        pass
 
 
 # dtype and rank of each token file (the layout above)
 _FORMS = {"input_ids.npy": (np.int32, 1), "target_mask.npy": (np.uint8, 1), "sample_offsets.npy": (np.int64, 1),
           "row_offsets.npy": (np.int64, 1), "domains.npy": (np.int16, 1)}
+
+
+_RESOURCE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EACCES, errno.EPERM)
 
 
 def _first_line(exc: Exception) -> str:
@@ -69,8 +96,8 @@ class CacheReader:
         if not self.manifest.get("complete"):
             raise CacheError(f"{self.dir}: cache is incomplete (an interrupted capture?); "
                              "rerun `distill cache` to finish it")
-        if verify == "full":
-            self.verify(full=True)
+        if verify in ("full", "rehash"):  # rehash: every file, whatever the stamp says (`distill cache verify`)
+            self.verify(full=True, use_stamp=verify == "full")
         elif verify == "sizes":
             self.verify(full=False)
         self.teacher_names = [t["name"] for t in self.manifest["teachers"]]
@@ -106,7 +133,13 @@ class CacheReader:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise CacheError(f"{path}: missing cache file") from None
-        except (ValueError, OSError, EOFError) as exc:  # numpy's header parser and mmap raise these
+        except OSError as exc:
+            if exc.errno in _RESOURCE:  # not the file's fault: too many open files, maps, no permission
+                raise CacheError(f"{path}: cannot map it ({exc.strerror}); raise `ulimit -n` or "
+                                 "vm.max_map_count, or fix the permissions") from None
+            raise CacheError(f"{path}: not a readable .npy file ({_first_line(exc)}): corrupt cache; "
+                             "`distill cache verify` names every bad file") from None
+        except (ValueError, EOFError) as exc:  # numpy's header parser and mmap raise these
             raise CacheError(f"{path}: not a readable .npy file ({_first_line(exc)}): corrupt cache; "
                              "`distill cache verify` names every bad file") from None
         if arr.dtype != np.dtype(dtype) or arr.ndim != ndim:
@@ -138,7 +171,7 @@ class CacheReader:
         """The codec the records were written with (and its id order, hash-checked)."""
         return codec_from_manifest(self.manifest, self.dir)
 
-    def verify(self, full: bool = True) -> None:
+    def verify(self, full: bool = True, use_stamp: bool = True) -> None:
         """Check every file's size (and sha256 when `full`); raise CacheError naming the first bad file."""
         files = [(shard, fname, rec) for shard, entry in sorted(self.manifest["shards"].items())
                  for fname, rec in sorted(entry["files"].items())]
@@ -152,15 +185,21 @@ class CacheReader:
             if missing and self.manifest["complete"]:
                 raise CacheError(f"{self.dir / 'manifest.json'}: shards.{shard}.files lacks {missing[0]} in a cache "
                                  "marked complete (corrupt or edited manifest)")
+        stamp = _read_stamp(self.dir) if full and use_stamp else {}
+        seen = {}
         for shard, fname, rec in files:
             path = self.dir / shard / fname
             if not path.is_file():
                 raise CacheError(f"{path}: missing cache file")
-            size = path.stat().st_size
-            if size != rec["bytes"]:
-                raise CacheError(f"{path}: size {size} != {rec['bytes']} in manifest (truncated or corrupt)")
-            if full and sha256_file(path) != rec["sha256"]:
+            st = path.stat()
+            if st.st_size != rec["bytes"]:
+                raise CacheError(f"{path}: size {st.st_size} != {rec['bytes']} in manifest (truncated or corrupt)")
+            key, state = str(Path(shard) / fname), [rec["sha256"], st.st_size, st.st_mtime_ns, st.st_ino]
+            if full and stamp.get(key) != state and sha256_file(path) != rec["sha256"]:
                 raise CacheError(f"{path}: sha256 mismatch (corrupt shard file)")
+            seen[key] = state
+        if full and seen != stamp:
+            _write_stamp(self.dir, seen)
 
     def _locate(self, i: int) -> tuple[_Shard, int]:
         if not 0 <= i < self.n_samples:
