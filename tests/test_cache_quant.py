@@ -166,5 +166,5 @@ def test_missing_bitsandbytes_is_one_line_naming_the_key(qworld, monkeypatch):
 def test_quantized_gguf_teacher_is_refused_at_recipe_load(qworld, tmp_path):
     teachers = [{"name": "q", "model": str(qworld["base"]), "gguf_file": "m.gguf", "quantization": "8bit"}]
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(qworld, tmp_path / "run", teachers=teachers))
-    with pytest.raises(ConfigError, match=r"^teachers\[0\]\.quantization: 8bit cannot be combined with gguf_file"):
+    with pytest.raises(ConfigError, match=r"r.yaml: teachers\[0\]\.quantization: 8bit cannot be combined with gguf_file"):
         load_recipe(path)
