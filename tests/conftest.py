@@ -18,21 +18,10 @@ os.environ["DISTILL_EVAL_CACHE"] = tempfile.mkdtemp(prefix="distill-eval-cache-"
 
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores (scripts/test.sh): in-process work takes one thread each, so that a
-    # subprocess started at torch's default threads (as a user would run it) is not starved.
-    torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`), every slow test (multi-process runs, the experts'
-    reproductions, the demo and the experiment at torch's default threads) goes to one worker, one at
-    a time, while the other worker takes the fast tests: two heavy runs at once on two cores would
-    oversubscribe them and take longer than one after the other."""
-    for item in items:
-        # A module whose processes run one thread each (ONE_THREAD_PROCESSES = True) may run beside them.
-        if item.get_closest_marker("slow") and not getattr(item.module, "ONE_THREAD_PROCESSES", False):
-            item.add_marker(pytest.mark.xdist_group("slow"))
+if os.environ.get("DISTILL_TEST_THREADS"):
+    # scripts/test.sh runs the fast and the slow tier side by side on two cores: in-process work takes
+    # this many threads, so that a subprocess started at torch's default threads is not starved.
+    torch.set_num_threads(int(os.environ["DISTILL_TEST_THREADS"]))
 
 
 @pytest.fixture(scope="module")

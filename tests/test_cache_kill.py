@@ -23,7 +23,6 @@ from distill.cache import manifest as mf
 from distill.cli import main
 from distill.errors import CacheError
 
-ONE_THREAD_PROCESSES = True  # every distill process here runs with OMP_NUM_THREADS=1 (conftest.py)
 N_SAMPLES = 640  # ~30k tokens: seconds of teacher forwards, so the kill lands mid-capture
 SHARD_TOKENS = 4000  # -> 8 shards
 

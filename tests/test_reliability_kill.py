@@ -32,7 +32,6 @@ from distill.config import load_recipe
 from distill.errors import CacheError
 from distill.files import sha256_file
 
-ONE_THREAD_PROCESSES = True  # every distill process here runs with OMP_NUM_THREADS=1 (conftest.py)
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = range(5)

@@ -19,7 +19,6 @@ from distill import checkpoint as ckpt
 from distill.cache.capture import run_capture
 from distill.config import load_recipe
 
-ONE_THREAD_PROCESSES = True  # every distill process here runs with OMP_NUM_THREADS=1 (conftest.py)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline")
 
 
