@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill import batches as B  # noqa: E402
-from distill.files import write_json_atomic, write_npy_atomic  # noqa: E402
+from distill.files import write_npy_atomic  # noqa: E402
 from distill.cache import store  # noqa: E402
 from distill.cache import manifest as mf  # noqa: E402
 from distill.cache.codec import make_codec, sparse_from_logits  # noqa: E402
@@ -80,10 +80,11 @@ def build_cache(folder: Path, n_samples: int, min_len: int, max_len: int, codec,
         shards[name] = {"samples": [a, a + len(lens)], "files": {}}
         for fname, arr in files.items():
             shards[name]["files"][fname] = write_npy_atomic(d / fname, arr)
+    targets = int(sum(n - n // 2 for n in lengths))
     manifest = {"format": mf.FORMAT, "version": mf.VERSION, "codec": codec.describe(),
                 "teachers": [{"name": t} for t in TEACHERS], "domains": ["d0", "d1"], "shards": shards,
-                "complete": True}
-    write_json_atomic(folder / "manifest.json", manifest)
+                "data": {"samples": int(n_samples), "targets": targets}, "complete": True}
+    mf.write_manifest(folder, manifest)  # with its checksum, as capture writes it
     return folder
 
 
